@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from api.services import Services, get_services
+from app.replicas import count_alive
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process answers. Readiness is /ready."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONResponse:
+    """Ready when Redis answers, replies can be received, and every model has a replica."""
+    body: dict[str, Any] = {"redis": False, "results": services.router.ready, "models": {}}
+    try:
+        await services.redis.ping()
+        body["redis"] = True
+        for spec in services.registry.models:
+            body["models"][spec.name] = await count_alive(services.redis, services.keys, spec.name)
+    except (RedisError, OSError) as exc:
+        body["detail"] = str(exc)
+    ok = body["redis"] and body["results"] and all(n > 0 for n in body["models"].values())
+    body["status"] = "ready" if ok else "not ready"
+    return JSONResponse(body, status_code=200 if ok else 503)

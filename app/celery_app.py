@@ -1,0 +1,67 @@
+"""The Celery app object: broker, serialisation, routing and delivery guarantees.
+
+It is configuration, so it lives in `app/`; the tasks live in `workers/` and
+the API sends them by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from app.keys import KeySpace
+from app.settings import Settings
+
+EMBEDDINGS_TASK = "inferq.embeddings"
+
+
+def route_by_model(
+    name: str, args: Any, kwargs: dict[str, Any] | None, options: dict[str, Any], **_: Any
+) -> dict[str, str] | None:
+    """Every inference task goes to its model's queue, `model.<name>`."""
+    model = (kwargs or {}).get("model")
+    if name.startswith("inferq.") and model:
+        return {"queue": f"model.{model}"}
+    return None
+
+
+def create_celery(settings: Settings) -> Celery:
+    keys = KeySpace(settings.key_prefix)
+    app = Celery("inferq", broker=settings.require_redis_url(), set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        event_serializer="json",
+        task_ignore_result=True,  # replies travel over pub/sub, not a result backend
+        result_backend=None,
+        task_routes=(route_by_model,),
+        task_default_queue=f"{keys.prefix}.default",
+        task_create_missing_queues=True,
+        # A message is acknowledged only after its reply is published; if the worker
+        # dies first, the broker hands the message to another replica.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "global_keyprefix": keys.broker_prefix,
+            # Workers renew the lease of every message they hold (workers/lease.py),
+            # so this is the failover delay after a worker dies, not a task length cap.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": max(1, int(settings.visibility_timeout_s / 4)),
+            "unacked_restore_throttle": 1,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+        },
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        worker_hijack_root_logger=False,
+    )
+    return app

@@ -1,0 +1,52 @@
+"""The single name -> engine table.
+
+Each entry names the module that holds the engine, so choosing an engine never
+imports torch, vLLM or vaststreamx until a worker actually loads it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.engines.base import EmbeddingEngine
+    from app.registry import ModelSpec
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    target: str  # "module:Class"
+    kinds: frozenset[str]
+    device_kind: str  # "cpu", "cuda" or "vacc": how a worker pins its devices
+    install_hint: str
+
+
+ENGINES: dict[str, EngineEntry] = {
+    "sentence_transformers": EngineEntry(
+        "app.engines.sentence_transformers:SentenceTransformersEngine",
+        frozenset({"embedding"}),
+        "cpu",
+        "pip install 'inferq[cpu]'",
+    ),
+}
+
+
+class EngineLoadError(RuntimeError):
+    """The engine's library or model files are missing or broken."""
+
+
+def load_engine(spec: ModelSpec, devices: list[str]) -> EmbeddingEngine:
+    entry = ENGINES[spec.engine]
+    module_name, _, class_name = entry.target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EngineLoadError(
+            f"engine {spec.engine!r} needs a library that is not installed ({exc.name}); "
+            f"install it with: {entry.install_hint}"
+        ) from exc
+    engine_cls: Any = getattr(module, class_name)
+    engine: EmbeddingEngine = engine_cls.load(spec, devices)
+    return engine

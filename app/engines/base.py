@@ -1,0 +1,51 @@
+"""The engine interface: small enough to read in one screen.
+
+Engines work on token ids, not text: the worker token-counts every input once,
+decides truncation and batching from those counts, and hands the engine
+batches of ids. That keeps length accounting identical across engines.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from app.registry import ModelSpec
+
+
+class EmbeddingEngine(ABC):
+    kind: ClassVar[str] = "embedding"
+
+    #: Longest input the model accepts, special tokens included.
+    max_tokens: int
+    #: Native embedding width.
+    dimensions: int
+    #: Widths the model was trained to be cut to (Matryoshka), besides `dimensions`.
+    matryoshka_dimensions: frozenset[int] = frozenset()
+    #: Token ids must lie in [0, vocab_size).
+    vocab_size: int
+
+    @classmethod
+    @abstractmethod
+    def load(cls, spec: ModelSpec, devices: list[str]) -> EmbeddingEngine:
+        """Load the model from `spec.resolved_path()` onto the pinned devices."""
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids with the model's special tokens, not truncated."""
+
+    @abstractmethod
+    def add_special_tokens(self, ids: Sequence[int]) -> list[int]:
+        """Wrap caller-supplied token ids the way `tokenize` wraps text."""
+
+    @abstractmethod
+    def truncate(self, ids: list[int], limit: int) -> list[int]:
+        """Cut to `limit` tokens the way the model's tokenizer truncates (keeps end markers)."""
+
+    @abstractmethod
+    def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """float32 array [len(batch), dimensions], as the model itself would pool/normalise."""

@@ -1,0 +1,115 @@
+"""Domain errors and the one table that maps them to HTTP status and OpenAI error JSON.
+
+Engines raise their own exceptions; the worker turns those into these errors;
+the API turns these into `{"error": {...}}` with the status chosen here and
+nowhere else. Errors cross from worker to API as plain dicts (`to_wire`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class InferqError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "kind": type(self).__name__,
+            "message": self.message,
+            "param": self.param,
+            "code": self.code,
+        }
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    @staticmethod
+    def from_wire(data: dict[str, Any]) -> InferqError:
+        cls = ERROR_KINDS.get(str(data.get("kind")), InferqError)
+        return cls(str(data.get("message", "")), param=data.get("param"), code=data.get("code"))
+
+
+class InvalidRequest(InferqError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(InferqError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class ModelNotFound(InferqError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class PayloadTooLarge(InferqError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class Overloaded(InferqError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "overloaded"
+
+
+class ModelUnavailable(InferqError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "model_unavailable"
+
+
+class BackendUnavailable(InferqError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "backend_unavailable"
+
+
+class RequestTimedOut(InferqError):
+    status = 504
+    type = "timeout"
+    default_code = "request_timeout"
+
+
+class EngineFailure(InferqError):
+    status = 500
+    type = "server_error"
+    default_code = "engine_error"
+
+
+ERROR_KINDS: dict[str, type[InferqError]] = {
+    cls.__name__: cls
+    for cls in (
+        InferqError,
+        InvalidRequest,
+        AuthenticationFailed,
+        ModelNotFound,
+        PayloadTooLarge,
+        Overloaded,
+        ModelUnavailable,
+        BackendUnavailable,
+        RequestTimedOut,
+        EngineFailure,
+    )
+}

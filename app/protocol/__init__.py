@@ -1,0 +1,1 @@
+"""Wire schemas: the OpenAI-shaped requests and responses, shared by API and workers."""

@@ -1,0 +1,105 @@
+"""`/v1/embeddings` request and response, in the OpenAI shape plus inferq's extras."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+EmbeddingInput = str | list[int]
+
+
+def _kind(value: Any) -> str:
+    return "int" if isinstance(value, int) and not isinstance(value, bool) else type(value).__name__
+
+
+def _normalise_input(value: Any) -> list[EmbeddingInput]:
+    """Accept exactly the four OpenAI input forms and refuse anything mixed or empty."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("input must not be an empty string")
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError("input must be a string, a list of strings, or token id lists")
+    if not value:
+        raise ValueError("input must not be an empty list")
+    if all(isinstance(v, str) for v in value):
+        for i, v in enumerate(value):
+            if not v:
+                raise ValueError(f"input[{i}] is an empty string")
+        return list(value)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [list(value)]
+    if all(isinstance(v, list) for v in value):
+        out: list[EmbeddingInput] = []
+        for i, ids in enumerate(value):
+            if not ids:
+                raise ValueError(f"input[{i}] is an empty token list")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError(f"input[{i}] must hold only integer token ids")
+            out.append(list(ids))
+        return out
+    first = _kind(value[0])
+    bad = next((i for i, v in enumerate(value) if _kind(v) != first), 0)
+    raise ValueError(
+        "input items must all be strings, or all token id lists; "
+        f"input[{bad}] is {type(value[bad]).__name__}"
+    )
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    input: list[EmbeddingInput]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, gt=0)
+    user: str | None = None
+    #: inferq: cut over-long inputs to the model's limit (default) or refuse them.
+    truncate: bool = True
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, value: Any) -> list[EmbeddingInput]:
+        return _normalise_input(value)
+
+
+class EmbeddingTask(BaseModel):
+    """What the API puts on the queue: validated, normalised, nothing the worker must re-check."""
+
+    inputs: list[EmbeddingInput]
+    truncate: bool = True
+    dimensions: int | None = None
+
+
+class EmbeddingResult(BaseModel):
+    """What a worker publishes back: vectors as base64 little-endian float32."""
+
+    vectors_b64: list[str]
+    prompt_tokens: int
+    truncated: list[int]
+    replica: str
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class InferqEmbeddingInfo(BaseModel):
+    truncated_inputs: list[int]
+    replica: str
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+    inferq: InferqEmbeddingInfo

@@ -1,0 +1,103 @@
+"""The replica directory in Redis: which workers are alive for which model.
+
+Workers announce themselves with a heartbeat that expires; the API counts live
+replicas before it queues work, so a model with no replica fails fast with 503
+instead of waiting out its timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from app.keys import KeySpace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplicaInfo:
+    replica_id: str
+    model: str
+    host: str
+    pid: int
+    devices: list[str]
+    replica: int
+    started_at: float = field(default_factory=time.time)
+    state: str = "ready"
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.pid}"
+
+
+class ReplicaAnnouncer:
+    """Keeps one worker's entry alive with a heartbeat thread; removes it on stop."""
+
+    def __init__(
+        self, client: redis.Redis, keys: KeySpace, info: ReplicaInfo, interval: float, ttl: float
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self.info = info
+        self._interval = interval
+        self._ttl = ttl
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inferq-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def beat(self) -> None:
+        now = time.time()
+        zkey = self._keys.replicas(self.info.model)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.zadd(zkey, {self.info.replica_id: now + self._ttl})
+        pipe.zremrangebyscore(zkey, "-inf", now)
+        pipe.set(
+            self._keys.replica_info(self.info.replica_id),
+            json.dumps(asdict(self.info)),
+            px=int(self._ttl * 1000),
+        )
+        pipe.execute()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.beat()
+            except redis.RedisError as exc:  # Redis away: keep trying, the entry just expires
+                log.warning("heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zrem(self._keys.replicas(self.info.model), self.info.replica_id)
+            pipe.delete(self._keys.replica_info(self.info.replica_id))
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("could not withdraw replica %s: %s", self.info.replica_id, exc)
+
+
+async def count_alive(client: aioredis.Redis, keys: KeySpace, model: str) -> int:
+    return int(await client.zcount(keys.replicas(model), time.time(), "+inf"))
+
+
+async def alive_replicas(
+    client: aioredis.Redis, keys: KeySpace, model: str
+) -> list[dict[str, Any]]:
+    ids = await client.zrangebyscore(keys.replicas(model), time.time(), "+inf")
+    if not ids:
+        return []
+    raw = await client.mget(
+        [keys.replica_info(i.decode() if isinstance(i, bytes) else i) for i in ids]
+    )
+    return [json.loads(r) for r in raw if r]

@@ -1,0 +1,98 @@
+"""One typed settings object shared by the API, the workers and the CLI.
+
+Everything comes from the environment or a `.env` file with the `INFERQ_` prefix,
+so a worker on another host only needs the same few variables as the API.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INFERQ_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Redis: broker, result channels and the replica directory. None means
+    # "inferq up starts a private server"; every other command needs a URL.
+    redis_url: str | None = None
+    key_prefix: str = Field(
+        default="inferq",
+        description="Prefix of every Redis key and channel inferq (and its Celery broker) uses, "
+        "so several deployments or test runs can share one Redis server.",
+    )
+
+    data_dir: Path = Path(".inferq")
+    registry: Path | None = Field(default=None, description="YAML model registry file.")
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 9997
+
+    # Sync request path.
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    replica_check_interval_s: float = Field(
+        default=1.0, gt=0, description="How often a waiting request re-checks that a replica lives."
+    )
+
+    # Request limits, refused before anything is queued.
+    max_inputs_per_request: int = Field(default=2048, gt=0)
+    max_input_chars: int = Field(default=50_000, gt=0)
+
+    # Workers.
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=5.0, gt=0)
+    visibility_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds after a worker's last lease renewal before the broker hands its "
+        "unacknowledged messages to another replica. Live workers renew their leases, so this "
+        "bounds failover time, not task length.",
+    )
+    worker_concurrency: int = Field(
+        default=16, gt=0, description="Messages a worker holds and serves at once."
+    )
+    worker_model: str | None = None
+    worker_devices: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    worker_replica: int = 0
+
+    @field_validator("worker_devices", mode="before")
+    @classmethod
+    def _split_devices(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_device_list(value)
+        return value
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError(
+                "INFERQ_REDIS_URL is not set: set it, or use `inferq up`, which starts a private "
+                "Redis server when none is configured."
+            )
+        return self.redis_url
+
+
+def parse_device_list(text: str) -> list[str]:
+    """Parse `0,1`, `0-3` or `0-3,8` into device ids; ranges save typing on 32-die hosts."""
+    devices: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "-" in part and all(s.strip().isdigit() for s in part.split("-", 1)):
+            lo, hi = (int(s) for s in part.split("-", 1))
+            if hi < lo:
+                raise ValueError(f"device range {part!r} runs backwards")
+            devices.extend(str(i) for i in range(lo, hi + 1))
+        else:
+            devices.append(part)
+    return devices
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

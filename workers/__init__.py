@@ -1,0 +1,1 @@
+"""Celery workers: each process serves one replica of one model on pinned devices."""

@@ -1,0 +1,61 @@
+"""The worker's Celery app and its life-cycle hooks.
+
+Pool choice: `inferq worker` runs Celery's *threads* pool. One process holds the
+model once and every in-flight message shares it, which is what cross-request
+batching needs. Prefork would load a copy of the model per child, trip the
+4-second `worker_proc_alive_timeout` while a large model loads, and fork after
+CUDA or a device SDK has initialised, which neither supports. Engine calls
+release the GIL (torch, tokenizers, device SDKs), so threads cost little.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from celery import signals
+
+from app.celery_app import create_celery
+from app.settings import get_settings
+from workers import runtime
+
+log = logging.getLogger("inferq.worker")
+
+celery_app = create_celery(get_settings())
+celery_app.conf.include = ["workers.tasks"]
+
+
+@signals.worker_init.connect
+def _load_model(**_: Any) -> None:
+    """Load the engine before the consumer starts, so no message arrives before the model."""
+    try:
+        runtime.load_runtime(get_settings())
+    except Exception:
+        log.exception("the model could not be loaded; this worker stops")
+        sys.exit(3)
+
+
+@signals.worker_ready.connect
+def _announce(**_: Any) -> None:
+    rt = runtime.get_runtime()
+    rt.lease.start()
+    rt.announcer.start()
+    log.info("replica %s of %s ready on devices %s", rt.info.label, rt.spec.name, rt.info.devices)
+
+
+@signals.task_received.connect
+def _hold_lease(request: Any = None, **_: Any) -> None:
+    tag = (getattr(request, "delivery_info", None) or {}).get("delivery_tag")
+    if tag:
+        runtime.get_runtime().lease.hold(str(tag))
+
+
+@signals.worker_shutting_down.connect
+def _withdraw(**_: Any) -> None:
+    try:
+        rt = runtime.get_runtime()
+    except RuntimeError:
+        return
+    rt.announcer.stop()
+    rt.lease.stop()

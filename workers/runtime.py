@@ -1,0 +1,82 @@
+"""What a worker process loads once and every task uses: settings, model, engine, Redis."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from app.engines import load_engine
+from app.engines.base import EmbeddingEngine
+from app.keys import KeySpace
+from app.registry import ModelSpec, load_registry
+from app.replicas import ReplicaAnnouncer, ReplicaInfo
+from app.settings import Settings
+from workers.lease import LeaseKeeper
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    keys: KeySpace
+    spec: ModelSpec
+    engine: EmbeddingEngine
+    client: redis.Redis
+    info: ReplicaInfo
+    lease: LeaseKeeper
+    announcer: ReplicaAnnouncer
+    #: One engine call at a time: torch already uses every pinned core per call,
+    #: and HF fast tokenizers refuse concurrent use.
+    engine_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def publish(self, request_id: str, message: dict[str, Any]) -> None:
+        self.client.publish(self.keys.result_channel(request_id), json.dumps(message))
+
+    def count(self, what: str, amount: int = 1) -> None:
+        self.client.hincrby(self.keys.replica_stats(self.info.replica_id), what, amount)
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def load_runtime(settings: Settings) -> WorkerRuntime:
+    """Load the model named by the worker's settings; called once per worker process."""
+    global _runtime
+    if not settings.worker_model:
+        raise RuntimeError("INFERQ_WORKER_MODEL is not set; start workers with `inferq worker`")
+    spec = load_registry(settings.registry).require(settings.worker_model)
+    started = time.monotonic()
+    engine = load_engine(spec, settings.worker_devices)
+    log.info("loaded %s (%s) in %.1fs", spec.name, spec.engine, time.monotonic() - started)
+    keys = KeySpace(settings.key_prefix)
+    client = redis.Redis.from_url(settings.require_redis_url(), socket_timeout=10)
+    info = ReplicaInfo(
+        replica_id=uuid.uuid4().hex[:12],
+        model=spec.name,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        devices=settings.worker_devices,
+        replica=settings.worker_replica,
+    )
+    lease = LeaseKeeper(client, keys.unacked_index, settings.visibility_timeout_s / 4)
+    announcer = ReplicaAnnouncer(
+        client, keys, info, settings.heartbeat_interval_s, settings.heartbeat_ttl_s
+    )
+    _runtime = WorkerRuntime(settings, keys, spec, engine, client, info, lease, announcer)
+    return _runtime
+
+
+def get_runtime() -> WorkerRuntime:
+    if _runtime is None:
+        raise RuntimeError("the worker runtime is not loaded")
+    return _runtime
