@@ -26,6 +26,8 @@ def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     msg = str(first.get("msg", "invalid request"))
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    if not loc and first.get("type") == "model_attributes_type":
+        return "the request body must be a JSON object (Content-Type: application/json)", None
     msg = msg.removeprefix("Value error, ")
     return (f"{param}: {msg}" if param else msg), param
 

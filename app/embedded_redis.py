@@ -14,6 +14,8 @@ from pathlib import Path
 
 import redis
 
+from app.supervisor import die_with_parent
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -59,7 +61,9 @@ class EmbeddedRedis:
             )
             + "\n"
         )
-        self.process = subprocess.Popen([redis_server_binary(), str(config)])
+        self.process = subprocess.Popen(
+            [redis_server_binary(), str(config)], preexec_fn=die_with_parent
+        )
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         while True:

