@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from api.dispatch import Dispatcher
+from api.dispatch import Dispatcher, DispatchPolicy
 from api.errors import install_error_handlers
 from api.results import ResultRouter
 from api.routes import embeddings, health, models
@@ -33,7 +33,12 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         router = ResultRouter(client, keys)
         await router.start()
         celery = create_celery(settings)
-        dispatcher = Dispatcher(celery, router, client, keys, settings.replica_check_interval_s)
+        policy = DispatchPolicy(
+            check_interval=settings.replica_check_interval_s,
+            resend_after=settings.resend_unaccepted_after_s,
+            max_resends=settings.max_resends,
+        )
+        dispatcher = Dispatcher(celery, router, client, keys, policy)
         app.state.services = Services(settings, registry, keys, client, router, dispatcher)
         try:
             yield

@@ -53,6 +53,9 @@ def create_celery(settings: Settings) -> Celery:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": max(1, int(settings.visibility_timeout_s / 4)),
             "unacked_restore_throttle": 1,
+            # The restore sweep holds a mutex; a worker killed while holding it must
+            # not block every other worker's sweep for kombu's default 5 minutes.
+            "unacked_mutex_expire": max(5, int(settings.visibility_timeout_s)),
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
         },

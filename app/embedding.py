@@ -7,13 +7,17 @@ Kept free of Celery so it is tested directly against a real engine.
 from __future__ import annotations
 
 import base64
+import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
 
+from app.batcher import BucketBatcher
 from app.engines.base import EmbeddingEngine
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, RequestTimedOut
 from app.protocol.embeddings import EmbeddingInput, EmbeddingTask
 
 
@@ -90,18 +94,6 @@ def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
     return cut / np.maximum(norms, 1e-12)
 
 
-def embed_in_length_order(
-    engine: EmbeddingEngine, token_ids: Sequence[Sequence[int]], batch_size: int
-) -> np.ndarray:
-    """Run one request's inputs in length-sorted batches so padding stays small."""
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    out = np.empty((len(token_ids), engine.dimensions), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        out[chunk] = engine.embed([token_ids[i] for i in chunk])
-    return out
-
-
 def vectors_to_b64(vectors: np.ndarray) -> list[str]:
     """Little-endian float32 per vector: the format OpenAI's `base64` encoding uses."""
     rows = np.ascontiguousarray(vectors, dtype="<f4")
@@ -112,14 +104,56 @@ def b64_to_vector(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<f4")
 
 
-def run_embedding_task(
-    engine: EmbeddingEngine, task: EmbeddingTask, batch_size: int
-) -> tuple[list[str], int, list[int]]:
-    check_dimensions(engine, task.dimensions)
-    prepared = prepare_inputs(engine, task.inputs, task.truncate)
-    vectors = embed_in_length_order(engine, prepared.token_ids, batch_size)
-    return (
-        vectors_to_b64(shorten(vectors, task.dimensions)),
-        prepared.token_count,
-        prepared.truncated,
+@dataclass
+class EmbeddingOutput:
+    vectors_b64: list[str]
+    prompt_tokens: int
+    truncated: list[int]
+
+
+class EmbeddingRunner:
+    """One worker's embedding service: shared engine, one tokenizer lock, one batcher.
+
+    Tokenising happens in the caller's thread (HF fast tokenizers refuse concurrent
+    use, hence the lock); the engine runs only in the batcher's thread.
+    """
+
+    def __init__(self, engine: EmbeddingEngine, batcher: BucketBatcher[list[int]]) -> None:
+        self.engine = engine
+        self.batcher = batcher
+        self._tokenizer_lock = threading.Lock()
+
+    def prepare(self, inputs: Sequence[EmbeddingInput], truncate: bool) -> PreparedInputs:
+        with self._tokenizer_lock:
+            return prepare_inputs(self.engine, inputs, truncate)
+
+    def vectors(self, prepared: PreparedInputs, deadline: float) -> np.ndarray:
+        future = self.batcher.submit(
+            prepared.token_ids, [len(ids) for ids in prepared.token_ids], deadline
+        )
+        wait = None if deadline == float("inf") else max(0.0, deadline - time.time()) + 1.0
+        try:
+            rows = future.result(timeout=wait)
+        except FutureTimeout:
+            raise RequestTimedOut("the request's deadline passed while it waited") from None
+        return np.stack(rows).astype(np.float32, copy=False)
+
+    def run(self, task: EmbeddingTask, deadline: float = float("inf")) -> EmbeddingOutput:
+        check_dimensions(self.engine, task.dimensions)
+        prepared = self.prepare(task.inputs, task.truncate)
+        vectors = shorten(self.vectors(prepared, deadline), task.dimensions)
+        return EmbeddingOutput(vectors_to_b64(vectors), prepared.token_count, prepared.truncated)
+
+
+def build_embedding_runner(
+    engine: EmbeddingEngine, options: dict[str, object], max_wait_ms: float
+) -> EmbeddingRunner:
+    wait = float(options.get("max_wait_ms", max_wait_ms))  # type: ignore[arg-type]
+    batcher: BucketBatcher[list[int]] = BucketBatcher(
+        engine.buckets(options),
+        run_batch=lambda batch, padded: engine.embed(batch, pad_to=padded),
+        max_wait_ms=wait,
+        pad_to_bucket=engine.pad_to_bucket,
+        name="inferq-embedding-batcher",
     )
+    return EmbeddingRunner(engine, batcher)

@@ -27,6 +27,10 @@ class KeySpace:
     def replica_stats(self, replica_id: str) -> str:
         return f"{self.prefix}:replica-stats:{replica_id}"
 
+    def queue_list(self, queue: str) -> str:
+        """The Redis list behind a Celery queue (kombu prepends `global_keyprefix`)."""
+        return f"{self.broker_prefix}{queue}"
+
     @property
     def unacked_index(self) -> str:
         """kombu's sorted set of unacknowledged deliveries, scored by delivery time."""

@@ -40,6 +40,14 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="How often a waiting request re-checks that a replica lives."
     )
 
+    resend_unaccepted_after_s: float = Field(
+        default=3.0,
+        gt=0,
+        description="Re-queue a request that no worker has accepted after this long while its "
+        "queue is empty: the broker lost it between pop and bookkeeping (see api/dispatch.py).",
+    )
+    max_resends: int = Field(default=3, ge=0)
+
     # Request limits, refused before anything is queued.
     max_inputs_per_request: int = Field(default=2048, gt=0)
     max_input_chars: int = Field(default=50_000, gt=0)
@@ -55,7 +63,12 @@ class Settings(BaseSettings):
         "bounds failover time, not task length.",
     )
     worker_concurrency: int = Field(
-        default=16, gt=0, description="Messages a worker holds and serves at once."
+        default=64,
+        gt=0,
+        description="Messages a worker holds at once; enough to fill batches from many requests.",
+    )
+    batch_max_wait_ms: float = Field(
+        default=5.0, ge=0, description="Longest an input waits for its batch to fill."
     )
     worker_model: str | None = None
     worker_devices: Annotated[list[str], NoDecode] = Field(default_factory=list)

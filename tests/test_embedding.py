@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from app.embedding import (
+    EmbeddingRunner,
     b64_to_vector,
+    build_embedding_runner,
     check_dimensions,
-    embed_in_length_order,
     prepare_inputs,
-    run_embedding_task,
     shorten,
 )
 from app.errors import InvalidRequest
@@ -26,8 +26,18 @@ TEXTS = [
 ]
 
 
-def test_vectors_equal_in_process_encode_in_input_order(st_engine: Any, reference_model: Any):
-    vectors, tokens, truncated = run_embedding_task(st_engine, EmbeddingTask(inputs=TEXTS), 2)
+@pytest.fixture(scope="module")
+def runner(st_engine: Any) -> EmbeddingRunner:
+    built = build_embedding_runner(st_engine, {"batch_size": 2, "buckets": [8, 16]}, 2.0)
+    yield built
+    built.batcher.stop()
+
+
+def test_vectors_equal_in_process_encode_in_input_order(
+    runner: EmbeddingRunner, st_engine: Any, reference_model: Any
+) -> None:
+    out = runner.run(EmbeddingTask(inputs=TEXTS))
+    vectors, tokens, truncated = out.vectors_b64, out.prompt_tokens, out.truncated
     got = np.stack([b64_to_vector(v) for v in vectors])
     want = reference_model.encode(TEXTS)
     assert got.shape == (4, 384)
@@ -51,12 +61,14 @@ def test_refusing_truncation_names_the_input_and_its_length(st_engine: Any) -> N
     assert info.value.code == "context_length_exceeded"
 
 
-def test_token_id_inputs_embed_like_their_text(st_engine: Any, reference_model: Any) -> None:
+def test_token_id_inputs_embed_like_their_text(
+    runner: EmbeddingRunner, st_engine: Any, reference_model: Any
+) -> None:
     ids = st_engine.tokenize(["hello world"])[0][1:-1]  # without [CLS]/[SEP]
-    vectors, tokens, _ = run_embedding_task(st_engine, EmbeddingTask(inputs=[ids]), 8)
-    assert tokens == len(ids) + 2
+    out = runner.run(EmbeddingTask(inputs=[ids]))
+    assert out.prompt_tokens == len(ids) + 2
     want = reference_model.encode(["hello world"])[0]
-    assert np.abs(b64_to_vector(vectors[0]) - want).max() < 1e-5
+    assert np.abs(b64_to_vector(out.vectors_b64[0]) - want).max() < 1e-5
 
 
 def test_out_of_vocabulary_token_ids_are_refused(st_engine: Any) -> None:
@@ -76,8 +88,8 @@ def test_dimensions(st_engine: Any) -> None:
     assert np.allclose(np.linalg.norm(cut, axis=1), 1.0)
 
 
-def test_length_order_batches_do_not_change_results(st_engine: Any) -> None:
+def test_padding_does_not_change_results(st_engine: Any) -> None:
     ids = prepare_inputs(st_engine, TEXTS, truncate=True).token_ids
     one_by_one = np.stack([st_engine.embed([t])[0] for t in ids])
-    batched = embed_in_length_order(st_engine, ids, batch_size=3)
-    assert np.abs(one_by_one - batched).max() < 1e-5
+    padded = st_engine.embed(ids, pad_to=256)
+    assert np.abs(one_by_one - padded).max() < 1e-5

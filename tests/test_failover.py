@@ -65,3 +65,77 @@ def test_two_replicas_share_work_and_a_killed_one_loses_no_request(
     finally:
         for proc in workers.values():
             proc.stop()
+
+
+def _queued_request_ids(redis_client: Any, key_prefix: str, queue: str) -> list[str]:
+    """Read Celery messages straight off the queue's Redis list, as a worker would."""
+    import base64
+    import json
+
+    from app.keys import KeySpace
+
+    ids = []
+    for raw in redis_client.lrange(KeySpace(key_prefix).queue_list(queue), 0, -1):
+        message = json.loads(raw)
+        _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        ids.append(kwargs["request_id"])
+    return ids
+
+
+def test_a_message_lost_before_any_worker_accepted_it_is_queued_again(
+    api: str, redis_client: Any, key_prefix: str
+) -> None:
+    """The broker can lose a message popped by a worker that dies before recording it.
+
+    Here the loss is made by hand: a replica of `idle-model` is announced but
+    nothing consumes, the queued message is deleted, and this test then plays
+    the worker that finally takes the re-queued message and answers it.
+    """
+    import json
+
+    from app.embedding import vectors_to_b64
+    from app.keys import KeySpace
+    from app.replicas import ReplicaAnnouncer, ReplicaInfo
+
+    keys = KeySpace(key_prefix)
+    info = ReplicaInfo("stand-in", "idle-model", "test", 1, [], 0)
+    announcer = ReplicaAnnouncer(redis_client, keys, info, interval=0.2, ttl=2)
+    announcer.start()
+    queue = "model.idle-model"
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(
+                httpx.post,
+                f"{api}/v1/embeddings",
+                json={"model": "idle-model", "input": "lost once", "encoding_format": "float"},
+                timeout=30,
+            )
+            deadline = time.monotonic() + 5
+            while not _queued_request_ids(redis_client, key_prefix, queue):
+                assert time.monotonic() < deadline, "the request was never queued"
+                time.sleep(0.05)
+            [request_id] = _queued_request_ids(redis_client, key_prefix, queue)
+            redis_client.delete(keys.queue_list(queue))  # lost in the pop/record gap
+            deadline = time.monotonic() + 10
+            while not (again := _queued_request_ids(redis_client, key_prefix, queue)):
+                assert time.monotonic() < deadline, "the lost request was not queued again"
+                time.sleep(0.1)
+            assert again == [request_id]
+            redis_client.delete(keys.queue_list(queue))
+            vector = np.arange(384, dtype=np.float32)
+            reply = {
+                "ok": True,
+                "result": {
+                    "vectors_b64": vectors_to_b64(vector[None, :]),
+                    "prompt_tokens": 4,
+                    "truncated": [],
+                    "replica": "test:1",
+                },
+            }
+            redis_client.publish(keys.result_channel(request_id), json.dumps(reply))
+            resp = call.result(timeout=10)
+        assert resp.status_code == 200
+        assert resp.json()["data"][0]["embedding"] == vector.tolist()
+    finally:
+        announcer.stop()
+        redis_client.delete(keys.queue_list(queue))

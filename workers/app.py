@@ -6,6 +6,16 @@ batching needs. Prefork would load a copy of the model per child, trip the
 4-second `worker_proc_alive_timeout` while a large model loads, and fork after
 CUDA or a device SDK has initialised, which neither supports. Engine calls
 release the GIL (torch, tokenizers, device SDKs), so threads cost little.
+
+Batching across requests needs many messages in hand at once, while each
+message must stay unacknowledged until its reply is published. The threads
+pool gives both: the worker reserves up to `--concurrency` messages (prefetch
+multiplier 1), each task thread tokenises its request and hands the inputs to
+the one batcher thread (app/batcher.py), which groups inputs of all waiting
+requests by length; the task thread then publishes the reply and returns, and
+only then does Celery acknowledge (acks_late). celery-batches would also hand
+over many messages, but groups them per task type and flush interval, not per
+sequence length, and acknowledges the whole group together.
 """
 
 from __future__ import annotations
@@ -59,3 +69,4 @@ def _withdraw(**_: Any) -> None:
         return
     rt.announcer.stop()
     rt.lease.stop()
+    rt.embeddings.batcher.stop()

@@ -6,14 +6,14 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from app.embedding import EmbeddingRunner, build_embedding_runner
 from app.engines import load_engine
 from app.engines.base import EmbeddingEngine
 from app.keys import KeySpace
@@ -35,9 +35,7 @@ class WorkerRuntime:
     info: ReplicaInfo
     lease: LeaseKeeper
     announcer: ReplicaAnnouncer
-    #: One engine call at a time: torch already uses every pinned core per call,
-    #: and HF fast tokenizers refuse concurrent use.
-    engine_lock: threading.Lock = field(default_factory=threading.Lock)
+    embeddings: EmbeddingRunner
 
     def publish(self, request_id: str, message: dict[str, Any]) -> None:
         self.client.publish(self.keys.result_channel(request_id), json.dumps(message))
@@ -72,7 +70,10 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
     announcer = ReplicaAnnouncer(
         client, keys, info, settings.heartbeat_interval_s, settings.heartbeat_ttl_s
     )
-    _runtime = WorkerRuntime(settings, keys, spec, engine, client, info, lease, announcer)
+    embeddings = build_embedding_runner(engine, spec.options, settings.batch_max_wait_ms)
+    _runtime = WorkerRuntime(
+        settings, keys, spec, engine, client, info, lease, announcer, embeddings
+    )
     return _runtime
 
 

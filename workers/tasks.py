@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 from app.celery_app import EMBEDDINGS_TASK
-from app.embedding import run_embedding_task
 from app.errors import EngineFailure, InferqError, InvalidRequest
 from app.protocol.embeddings import EmbeddingResult, EmbeddingTask
 from workers.app import celery_app
@@ -29,16 +28,17 @@ def embeddings(request_id: str, model: str, payload: dict[str, Any], deadline: f
         rt.count("expired")  # the caller has already had its 504: do not spend the engine
         return
     rt.count("received")
+    rt.publish(request_id, {"accepted": rt.info.label})
     message: dict[str, Any]
     try:
         if model != rt.spec.name:
             raise InvalidRequest(f"this worker serves {rt.spec.name!r}, not {model!r}")
-        task = EmbeddingTask.model_validate(payload)
-        batch_size = int(rt.spec.options.get("batch_size", 32))
-        with rt.engine_lock:
-            vectors, tokens, truncated = run_embedding_task(rt.engine, task, batch_size)
+        out = rt.embeddings.run(EmbeddingTask.model_validate(payload), deadline)
         result = EmbeddingResult(
-            vectors_b64=vectors, prompt_tokens=tokens, truncated=truncated, replica=rt.info.label
+            vectors_b64=out.vectors_b64,
+            prompt_tokens=out.prompt_tokens,
+            truncated=out.truncated,
+            replica=rt.info.label,
         )
         message = {"ok": True, "result": result.model_dump()}
     except InferqError as exc:

@@ -42,8 +42,8 @@ async def create_embeddings(
     check_input_limits(body.input, services.settings)
     timeout = request_timeout(services, x_inferq_timeout)
     task = EmbeddingTask(inputs=body.input, truncate=body.truncate, dimensions=body.dimensions)
-    _, raw = await services.dispatcher.call(spec, EMBEDDINGS_TASK, task.model_dump(), timeout)
-    result = EmbeddingResult.model_validate(raw)
+    outcome = await services.dispatcher.call(spec, EMBEDDINGS_TASK, task.model_dump(), timeout)
+    result = EmbeddingResult.model_validate(outcome.result)
     data: list[dict[str, Any]] = []
     for index, b64 in enumerate(result.vectors_b64):
         vector: Any = b64 if body.encoding_format == "base64" else b64_to_vector(b64).tolist()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from app.batcher import Bucket, default_buckets
 
 if TYPE_CHECKING:
     import numpy as np
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
 
 class EmbeddingEngine(ABC):
     kind: ClassVar[str] = "embedding"
+    #: Compiled-shape engines (VACC) must pad every batch to its bucket's length.
+    pad_to_bucket: ClassVar[bool] = False
 
     #: Longest input the model accepts, special tokens included.
     max_tokens: int
@@ -46,6 +50,16 @@ class EmbeddingEngine(ABC):
     def truncate(self, ids: list[int], limit: int) -> list[int]:
         """Cut to `limit` tokens the way the model's tokenizer truncates (keeps end markers)."""
 
+    def buckets(self, options: dict[str, Any]) -> list[Bucket]:
+        """Sequence-length buckets: from the registry options for shape-free engines."""
+        return default_buckets(
+            self.max_tokens, int(options.get("batch_size", 32)), options.get("buckets", ())
+        )
+
     @abstractmethod
-    def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        """float32 array [len(batch), dimensions], as the model itself would pool/normalise."""
+    def embed(self, batch: Sequence[Sequence[int]], pad_to: int | None = None) -> np.ndarray:
+        """float32 array [len(batch), dimensions], as the model itself would pool/normalise.
+
+        `pad_to` pads every row to that length (compiled shapes, or to measure the cost
+        of padding); by default rows are padded to the longest one.
+        """

@@ -71,9 +71,9 @@ class SentenceTransformersEngine(EmbeddingEngine):
             return [*ids[: limit - 1], self._sep]
         return ids[:limit]
 
-    def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+    def embed(self, batch: Sequence[Sequence[int]], pad_to: int | None = None) -> np.ndarray:
         torch = self._torch
-        longest = max(len(ids) for ids in batch)
+        longest = max(pad_to or 0, *(len(ids) for ids in batch))
         input_ids = torch.full((len(batch), longest), self._pad, dtype=torch.long)
         attention = torch.zeros((len(batch), longest), dtype=torch.long)
         for row, ids in enumerate(batch):

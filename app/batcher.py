@@ -1,0 +1,243 @@
+"""Bucket batching: the heart of embedding and rerank throughput.
+
+Every input is token-counted once by the caller and placed in the smallest
+bucket whose length holds it. Each bucket keeps one open batch; a batch runs
+when it is full (the bucket's batch size) or when its oldest input has waited
+`max_wait_ms`. Inputs of many requests share a batch, one request may span
+several batches and buckets, and each request's results are put back in input
+order and handed over once all of its parts are done.
+
+One engine thread runs the batches, so the engine sees one call at a time with
+all of the machine's threads, while any number of requests feed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from app.errors import EngineFailure, InferqError, RequestTimedOut
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    max_tokens: int
+    batch_size: int
+
+
+DEFAULT_BUCKET_LENGTHS = (32, 64, 128, 256, 512)
+
+
+def default_buckets(model_max: int, batch_size: int, lengths: Sequence[int] = ()) -> list[Bucket]:
+    """Registry buckets for shape-free engines: the given lengths up to the model's limit,
+    and always one bucket that holds the longest input the model takes."""
+    chosen = sorted({n for n in (lengths or DEFAULT_BUCKET_LENGTHS) if n < model_max})
+    return [Bucket(n, batch_size) for n in [*chosen, model_max]]
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    real_tokens: int = 0
+    computed_tokens: int = 0
+    failures: int = 0
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
+
+
+class _Request:
+    """One caller's inputs on their way through the batches."""
+
+    def __init__(self, count: int, deadline: float) -> None:
+        self.future: Future[list[Any]] = Future()
+        self.results: list[Any] = [None] * count
+        self.remaining = count
+        self.deadline = deadline
+        self.lock = threading.Lock()
+
+    def put(self, index: int, value: Any) -> None:
+        with self.lock:
+            if self.future.done():
+                return
+            self.results[index] = value
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.future.set_result(self.results)
+
+    def fail(self, error: BaseException) -> None:
+        with self.lock:
+            if not self.future.done():
+                self.future.set_exception(error)
+
+
+@dataclass
+class _Item(Generic[T]):
+    request: _Request
+    index: int
+    payload: T
+    length: int
+
+
+@dataclass
+class _OpenBatch(Generic[T]):
+    bucket: Bucket
+    items: list[_Item[T]] = field(default_factory=list)
+    oldest: float = 0.0
+
+
+class BucketBatcher(Generic[T]):
+    """Feeds `run_batch(payloads, padded_length)` from many threads' submissions.
+
+    `run_batch` returns one result per payload (rows of an array or a list).
+    With `pad_to_bucket` the batch is padded to its bucket's length (engines
+    with compiled shapes); otherwise to its longest member.
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[Bucket],
+        run_batch: Callable[[list[T], int], Sequence[Any] | np.ndarray],
+        max_wait_ms: float = 5.0,
+        pad_to_bucket: bool = False,
+        name: str = "inferq-batcher",
+    ) -> None:
+        if not buckets:
+            raise ValueError("a batcher needs at least one bucket")
+        self.buckets = sorted(buckets)
+        self._run_batch = run_batch
+        self._max_wait = max_wait_ms / 1000.0
+        self._pad_to_bucket = pad_to_bucket
+        self._open: dict[Bucket, _OpenBatch[T]] = {b: _OpenBatch(b) for b in self.buckets}
+        self._full: list[_OpenBatch[T]] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+        self.stats = BatchStats()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def max_tokens(self) -> int:
+        return self.buckets[-1].max_tokens
+
+    def bucket_for(self, length: int) -> Bucket:
+        for bucket in self.buckets:
+            if length <= bucket.max_tokens:
+                return bucket
+        raise ValueError(f"{length} tokens is longer than the largest bucket ({self.max_tokens})")
+
+    def submit(
+        self, payloads: Sequence[T], lengths: Sequence[int], deadline: float = float("inf")
+    ) -> Future[list[Any]]:
+        """Queue one request's inputs; the future resolves to their results in input order."""
+        request = _Request(len(payloads), deadline)
+        if not payloads:
+            request.future.set_result([])
+            return request.future
+        items = [
+            _Item(request, i, p, n) for i, (p, n) in enumerate(zip(payloads, lengths, strict=True))
+        ]
+        placed = [(self.bucket_for(item.length), item) for item in items]
+        now = time.monotonic()
+        with self._cond:
+            if self._stopped:
+                raise RuntimeError("the batcher is stopped")
+            for bucket, item in placed:
+                batch = self._open[bucket]
+                if not batch.items:
+                    batch.oldest = now
+                batch.items.append(item)
+                if len(batch.items) >= bucket.batch_size:
+                    self._full.append(batch)
+                    self._open[bucket] = _OpenBatch(bucket)
+            self._cond.notify()
+        return request.future
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(5)
+
+    def _next_batch(self) -> _OpenBatch[T] | None:
+        """Under the lock: a full batch, else an open one whose oldest input waited enough."""
+        if self._full:
+            return self._full.pop(0)
+        now = time.monotonic()
+        due = [b for b in self._open.values() if b.items and now - b.oldest >= self._max_wait]
+        if not due:
+            return None
+        batch = min(due, key=lambda b: b.oldest)
+        self._open[batch.bucket] = _OpenBatch(batch.bucket)
+        return batch
+
+    def _wait_time(self) -> float | None:
+        oldest = [b.oldest for b in self._open.values() if b.items]
+        if not oldest:
+            return None
+        return max(0.0, min(oldest) + self._max_wait - time.monotonic())
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                batch = self._next_batch()
+                while batch is None:
+                    if self._stopped:
+                        return
+                    self._cond.wait(self._wait_time())
+                    batch = self._next_batch()
+            self._run(batch)
+
+    def _run(self, batch: _OpenBatch[T]) -> None:
+        now = time.time()
+        live = [item for item in batch.items if not item.request.future.done()]
+        for item in live:
+            if item.request.deadline < now:
+                item.request.fail(RequestTimedOut("the request's deadline passed before it ran"))
+        live = [item for item in live if not item.request.future.done()]
+        if not live:
+            return
+        try:
+            self._execute(live, batch.bucket)
+        except Exception as exc:
+            # Someone in this batch broke the engine. Retry each request's part on its
+            # own, so only the request that caused the failure gets the error.
+            self.stats.failures += 1
+            log.warning("batch of %d failed (%s); retrying its requests alone", len(live), exc)
+            by_request: dict[int, list[_Item[T]]] = {}
+            for item in live:
+                by_request.setdefault(id(item.request), []).append(item)
+            for items in by_request.values():
+                try:
+                    self._execute(items, batch.bucket)
+                except InferqError as err:
+                    items[0].request.fail(err)
+                except Exception as err:
+                    items[0].request.fail(EngineFailure(f"the engine failed on this input: {err}"))
+
+    def _execute(self, items: list[_Item[T]], bucket: Bucket) -> None:
+        longest = max(item.length for item in items)
+        padded = bucket.max_tokens if self._pad_to_bucket else longest
+        results = self._run_batch([item.payload for item in items], padded)
+        if len(results) != len(items):
+            raise EngineFailure(f"the engine returned {len(results)} results for {len(items)}")
+        stats = self.stats
+        stats.batches += 1
+        stats.items += len(items)
+        stats.real_tokens += sum(item.length for item in items)
+        stats.computed_tokens += padded * len(items)
+        for item, value in zip(items, results, strict=True):
+            item.request.put(item.index, value)
