@@ -10,7 +10,7 @@ from fastapi import Request
 
 from api.dispatch import Dispatcher
 from api.results import ResultRouter
-from app.errors import ModelNotFound
+from app.errors import InvalidRequest, ModelNotFound
 from app.keys import KeySpace
 from app.registry import ModelSpec, Registry
 from app.settings import Settings
@@ -31,8 +31,10 @@ class Services:
         if spec is None:
             raise ModelNotFound(f"the model {name!r} does not exist", param="model")
         if kind is not None and spec.kind != kind:
-            raise ModelNotFound(
-                f"the model {name!r} is a {spec.kind} model, not a {kind} model", param="model"
+            raise InvalidRequest(
+                f"the model {name!r} is a {spec.kind} model, not a {kind} model",
+                param="model",
+                code="wrong_model_kind",
             )
         return spec
 

@@ -58,6 +58,15 @@ class BatchStats:
     def padding_efficiency(self) -> float:
         return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
 
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "batches": self.batches,
+            "batched_items": self.items,
+            "real_tokens": self.real_tokens,
+            "computed_tokens": self.computed_tokens,
+            "batch_failures": self.failures,
+        }
+
 
 class _Request:
     """One caller's inputs on their way through the batches."""

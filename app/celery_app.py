@@ -14,6 +14,7 @@ from app.keys import KeySpace
 from app.settings import Settings
 
 EMBEDDINGS_TASK = "inferq.embeddings"
+RERANK_TASK = "inferq.rerank"
 
 
 def route_by_model(

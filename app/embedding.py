@@ -127,6 +127,11 @@ class EmbeddingRunner:
         with self._tokenizer_lock:
             return prepare_inputs(self.engine, inputs, truncate)
 
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Untruncated lengths, special tokens included."""
+        with self._tokenizer_lock:
+            return [len(ids) for ids in self.engine.tokenize(texts)]
+
     def vectors(self, prepared: PreparedInputs, deadline: float) -> np.ndarray:
         future = self.batcher.submit(
             prepared.token_ids, [len(ids) for ids in prepared.token_ids], deadline
@@ -153,7 +158,9 @@ def build_embedding_runner(
         engine.buckets(options),
         run_batch=lambda batch, padded: engine.embed(batch, pad_to=padded),
         max_wait_ms=wait,
-        pad_to_bucket=engine.pad_to_bucket,
+        # `pad_to_bucket: true` in the options makes a shape-free engine behave like a
+        # compiled-shape one (used by bench/ to measure what padding costs).
+        pad_to_bucket=engine.pad_to_bucket or bool(options.get("pad_to_bucket", False)),
         name="inferq-embedding-batcher",
     )
     return EmbeddingRunner(engine, batcher)

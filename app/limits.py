@@ -9,18 +9,20 @@ from app.protocol.embeddings import EmbeddingInput
 from app.settings import Settings
 
 
-def check_input_limits(inputs: Sequence[EmbeddingInput], settings: Settings) -> None:
+def check_input_limits(
+    inputs: Sequence[EmbeddingInput], settings: Settings, param: str = "input"
+) -> None:
     if len(inputs) > settings.max_inputs_per_request:
         raise PayloadTooLarge(
-            f"{len(inputs)} inputs in one request; the limit is "
+            f"{len(inputs)} {param} items in one request; the limit is "
             f"{settings.max_inputs_per_request} (INFERQ_MAX_INPUTS_PER_REQUEST)",
-            param="input",
+            param=param,
         )
     for i, item in enumerate(inputs):
         if len(item) > settings.max_input_chars:
             unit = "characters" if isinstance(item, str) else "tokens"
             raise PayloadTooLarge(
-                f"input[{i}] has {len(item)} {unit}; the limit is {settings.max_input_chars} "
+                f"{param}[{i}] has {len(item)} {unit}; the limit is {settings.max_input_chars} "
                 "(INFERQ_MAX_INPUT_CHARS)",
-                param="input",
+                param=param,
             )

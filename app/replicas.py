@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,8 +43,15 @@ class ReplicaAnnouncer:
     """Keeps one worker's entry alive with a heartbeat thread; removes it on stop."""
 
     def __init__(
-        self, client: redis.Redis, keys: KeySpace, info: ReplicaInfo, interval: float, ttl: float
+        self,
+        client: redis.Redis,
+        keys: KeySpace,
+        info: ReplicaInfo,
+        interval: float,
+        ttl: float,
+        stats: Callable[[], dict[str, float]] | None = None,
     ) -> None:
+        self._stats = stats
         self._client = client
         self._keys = keys
         self.info = info
@@ -67,6 +75,8 @@ class ReplicaAnnouncer:
             json.dumps(asdict(self.info)),
             px=int(self._ttl * 1000),
         )
+        if self._stats:
+            pipe.hset(self._keys.replica_stats(self.info.replica_id), mapping=self._stats())
         pipe.execute()
 
     def _run(self) -> None:

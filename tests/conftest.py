@@ -39,6 +39,15 @@ models:
     kind: embedding
     engine: sentence_transformers
     path: {MINILM_PATH}
+  - name: minilm-cosine-rerank
+    kind: rerank
+    engine: sentence_transformers
+    path: {MINILM_PATH}
+  - name: tiny-rerank
+    kind: rerank
+    engine: cross_encoder
+    path: {{tiny_cross_encoder}}
+    options: {{batch_size: 8}}
 """
 
 
@@ -80,12 +89,44 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small randomly initialised BERT cross-encoder, built here, with MiniLM's tokenizer."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from app.registry import load_registry
+
+    source = load_registry(None).require(DEFAULT_EMBEDDING_MODEL).resolved_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    torch.manual_seed(7)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        num_labels=1,
+        initializer_range=0.2,  # spread the scores so the ranking is clear-cut
+    )
+    path = tmp_path_factory.mktemp("tiny-cross-encoder")
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.model_max_length = 128
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def inferq_env(
-    redis_url: str, key_prefix: str, tmp_path_factory: pytest.TempPathFactory
+    redis_url: str,
+    key_prefix: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_cross_encoder: Path,
 ) -> dict[str, str]:
     root = tmp_path_factory.mktemp("inferq")
     registry = root / "registry.yaml"
-    registry.write_text(TEST_REGISTRY)
+    registry.write_text(TEST_REGISTRY.replace("{tiny_cross_encoder}", str(tiny_cross_encoder)))
     return subprocess_env(
         {
             "INFERQ_REDIS_URL": redis_url,

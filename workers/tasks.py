@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from app.celery_app import EMBEDDINGS_TASK
+from app.celery_app import EMBEDDINGS_TASK, RERANK_TASK
 from app.errors import EngineFailure, InferqError, InvalidRequest
 from app.protocol.embeddings import EmbeddingResult, EmbeddingTask
+from app.protocol.rerank import RerankResult, RerankTask
 from workers.app import celery_app
-from workers.runtime import get_runtime
+from workers.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger("inferq.worker")
 
 
-@celery_app.task(
-    name=EMBEDDINGS_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True
-)
-def embeddings(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
+def serve(
+    request_id: str,
+    model: str,
+    deadline: float,
+    work: Callable[[WorkerRuntime], dict[str, Any]],
+) -> None:
+    """The part every inference task shares: deadline, acceptance, errors, reply."""
     rt = get_runtime()
     if time.time() > deadline:
         rt.count("expired")  # the caller has already had its 504: do not spend the engine
@@ -33,18 +38,41 @@ def embeddings(request_id: str, model: str, payload: dict[str, Any], deadline: f
     try:
         if model != rt.spec.name:
             raise InvalidRequest(f"this worker serves {rt.spec.name!r}, not {model!r}")
-        out = rt.embeddings.run(EmbeddingTask.model_validate(payload), deadline)
-        result = EmbeddingResult(
+        message = {"ok": True, "result": work(rt)}
+    except InferqError as exc:
+        message = {"ok": False, "error": exc.to_wire()}
+    except Exception as exc:
+        log.exception("request %s failed in the engine", request_id)
+        message = {"ok": False, "error": EngineFailure(f"the engine failed: {exc}").to_wire()}
+    rt.publish(request_id, message)
+    rt.count("answered" if message["ok"] else "failed")
+
+
+@celery_app.task(
+    name=EMBEDDINGS_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+)
+def embeddings(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
+    def work(rt: WorkerRuntime) -> dict[str, Any]:
+        out = rt.require_embeddings().run(EmbeddingTask.model_validate(payload), deadline)
+        return EmbeddingResult(
             vectors_b64=out.vectors_b64,
             prompt_tokens=out.prompt_tokens,
             truncated=out.truncated,
             replica=rt.info.label,
-        )
-        message = {"ok": True, "result": result.model_dump()}
-    except InferqError as exc:
-        message = {"ok": False, "error": exc.to_wire()}
-    except Exception as exc:
-        log.exception("embedding request %s failed in the engine", request_id)
-        message = {"ok": False, "error": EngineFailure(f"the engine failed: {exc}").to_wire()}
-    rt.publish(request_id, message)
-    rt.count("answered" if message["ok"] else "failed")
+        ).model_dump()
+
+    serve(request_id, model, deadline, work)
+
+
+@celery_app.task(name=RERANK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def rerank(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
+    def work(rt: WorkerRuntime) -> dict[str, Any]:
+        out = rt.require_rerank().run(RerankTask.model_validate(payload), deadline)
+        return RerankResult(
+            scores=out.scores,
+            input_tokens=out.input_tokens,
+            truncated=out.truncated,
+            replica=rt.info.label,
+        ).model_dump()
+
+    serve(request_id, model, deadline, work)

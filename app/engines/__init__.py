@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.engines.base import EmbeddingEngine
+    from app.engines.base import EmbeddingEngine, RerankEngine
     from app.registry import ModelSpec
+
+    Engine = EmbeddingEngine | RerankEngine
 
 
 @dataclass(frozen=True)
@@ -24,9 +26,16 @@ class EngineEntry:
 
 
 ENGINES: dict[str, EngineEntry] = {
+    # A bi-encoder; as a rerank model it scores by cosine similarity (app/rerank.py).
     "sentence_transformers": EngineEntry(
         "app.engines.sentence_transformers:SentenceTransformersEngine",
-        frozenset({"embedding"}),
+        frozenset({"embedding", "rerank"}),
+        "cpu",
+        "pip install 'inferq[cpu]'",
+    ),
+    "cross_encoder": EngineEntry(
+        "app.engines.cross_encoder:CrossEncoderEngine",
+        frozenset({"rerank"}),
         "cpu",
         "pip install 'inferq[cpu]'",
     ),
@@ -37,7 +46,7 @@ class EngineLoadError(RuntimeError):
     """The engine's library or model files are missing or broken."""
 
 
-def load_engine(spec: ModelSpec, devices: list[str]) -> EmbeddingEngine:
+def load_engine(spec: ModelSpec, devices: list[str]) -> Engine:
     entry = ENGINES[spec.engine]
     module_name, _, class_name = entry.target.partition(":")
     try:
@@ -48,5 +57,5 @@ def load_engine(spec: ModelSpec, devices: list[str]) -> EmbeddingEngine:
             f"install it with: {entry.install_hint}"
         ) from exc
     engine_cls: Any = getattr(module, class_name)
-    engine: EmbeddingEngine = engine_cls.load(spec, devices)
+    engine: Engine = engine_cls.load(spec, devices)
     return engine

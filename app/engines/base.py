@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from app.batcher import Bucket, default_buckets
@@ -63,3 +64,51 @@ class EmbeddingEngine(ABC):
         `pad_to` pads every row to that length (compiled shapes, or to measure the cost
         of padding); by default rows are padded to the longest one.
         """
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A (query, document) pair as the model reads it."""
+
+    ids: list[int]
+    type_ids: list[int]
+
+
+class RerankEngine(ABC):
+    """A cross-encoder: scores (query, document) pairs directly."""
+
+    kind: ClassVar[str] = "rerank"
+    pad_to_bucket: ClassVar[bool] = False
+    max_tokens: int
+
+    @classmethod
+    @abstractmethod
+    def load(cls, spec: ModelSpec, devices: list[str]) -> RerankEngine: ...
+
+    @abstractmethod
+    def encode_pairs(
+        self, query: str, documents: Sequence[str], truncate: bool
+    ) -> tuple[list[Pair], list[int]]:
+        """Tokenise every pair once; returns the pairs and the indices that were truncated.
+
+        With `truncate` false an over-long pair is refused (`refuse_over_long`).
+        """
+
+    @abstractmethod
+    def score(self, batch: Sequence[Pair], pad_to: int | None = None) -> np.ndarray:
+        """Relevance per pair, float32 [len(batch)], after the model's activation."""
+
+    def buckets(self, options: dict[str, Any]) -> list[Bucket]:
+        return default_buckets(
+            self.max_tokens, int(options.get("batch_size", 32)), options.get("buckets", ())
+        )
+
+    def refuse_over_long(self, index: int, length: int) -> None:
+        from app.errors import InvalidRequest
+
+        raise InvalidRequest(
+            f"documents[{index}] with the query has {length} tokens, more than this model's "
+            f"limit of {self.max_tokens}; send a shorter document or set truncate to true",
+            param="documents",
+            code="context_length_exceeded",
+        )

@@ -1,0 +1,51 @@
+"""`/v1/rerank`: the shape xinference clients use, with the Cohere/Jina fields that map."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    #: Strings, or Cohere-style objects with a `text` field.
+    documents: list[str]
+    top_n: int | None = Field(default=None, gt=0)
+    return_documents: bool = False
+    return_len: bool = False
+    #: inferq: cut over-long (query, document) pairs to the model's limit, or refuse them.
+    truncate: bool = True
+    max_chunks_per_doc: int | None = None  # accepted for compatibility; not used
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _documents(cls, value: Any) -> list[str]:
+        if not isinstance(value, list) or not value:
+            raise ValueError("documents must be a non-empty list")
+        out: list[str] = []
+        for i, doc in enumerate(value):
+            if isinstance(doc, dict) and isinstance(doc.get("text"), str):
+                doc = doc["text"]
+            if not isinstance(doc, str):
+                raise ValueError(f"documents[{i}] must be a string or an object with a text field")
+            if not doc:
+                raise ValueError(f"documents[{i}] is an empty string")
+            out.append(doc)
+        return out
+
+
+class RerankTask(BaseModel):
+    query: str
+    documents: list[str]
+    truncate: bool = True
+
+
+class RerankResult(BaseModel):
+    scores: list[float]
+    input_tokens: int
+    truncated: list[int]
+    replica: str
