@@ -51,7 +51,7 @@ class ReplicaAnnouncer:
         ttl: float,
         stats: Callable[[], dict[str, float]] | None = None,
     ) -> None:
-        self._stats = stats
+        self.stats = stats
         self._client = client
         self._keys = keys
         self.info = info
@@ -75,8 +75,8 @@ class ReplicaAnnouncer:
             json.dumps(asdict(self.info)),
             px=int(self._ttl * 1000),
         )
-        if self._stats:
-            pipe.hset(self._keys.replica_stats(self.info.replica_id), mapping=self._stats())
+        if self.stats:
+            pipe.hset(self._keys.replica_stats(self.info.replica_id), mapping=self.stats())
         pipe.execute()
 
     def _run(self) -> None:

@@ -120,6 +120,7 @@ BAD_BODIES: list[tuple[Any, str]] = [
 def test_bad_input_is_refused_before_any_worker_sees_it(
     api: str, client: Any, redis_client: redis.Redis, key_prefix: str
 ) -> None:
+    time.sleep(1.0)  # workers write their counters with each heartbeat (0.5 s here)
     before = _received(redis_client, key_prefix)
     with httpx.Client(base_url=api, timeout=10) as http:
         for body, needle in BAD_BODIES:
@@ -136,6 +137,7 @@ def test_bad_input_is_refused_before_any_worker_sees_it(
         )
         assert resp.status_code == 400
         assert "not valid JSON" in resp.json()["error"]["message"]
+    time.sleep(1.0)
     assert _received(redis_client, key_prefix) == before
 
 

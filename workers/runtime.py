@@ -6,9 +6,10 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -40,6 +41,8 @@ class WorkerRuntime:
     announcer: ReplicaAnnouncer
     embeddings: EmbeddingRunner | None
     rerank: RerankRunner | None
+    counters: dict[str, int] = field(default_factory=dict)
+    counter_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def batcher(self) -> BucketBatcher:  # type: ignore[type-arg]
@@ -61,7 +64,14 @@ class WorkerRuntime:
         self.client.publish(self.keys.result_channel(request_id), json.dumps(message))
 
     def count(self, what: str, amount: int = 1) -> None:
-        self.client.hincrby(self.keys.replica_stats(self.info.replica_id), what, amount)
+        """Counted in memory; the heartbeat writes the totals to Redis."""
+        with self.counter_lock:
+            self.counters[what] = self.counters.get(what, 0) + amount
+
+    def stats(self) -> dict[str, float]:
+        with self.counter_lock:
+            totals: dict[str, float] = dict(self.counters)
+        return {**self.batcher.stats.as_dict(), **totals}
 
 
 _runtime: WorkerRuntime | None = None
@@ -91,23 +101,17 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
     rerank: RerankRunner | None = None
     if spec.kind == ModelKind.rerank:
         rerank = build_rerank_runner(engine, spec.options, settings.batch_max_wait_ms)
-        batcher = rerank.batcher
     elif isinstance(engine, EmbeddingEngine):
         embeddings = build_embedding_runner(engine, spec.options, settings.batch_max_wait_ms)
-        batcher = embeddings.batcher
     else:
         raise RuntimeError(f"engine {spec.engine!r} cannot serve {spec.kind} models")
     announcer = ReplicaAnnouncer(
-        client,
-        keys,
-        info,
-        settings.heartbeat_interval_s,
-        settings.heartbeat_ttl_s,
-        stats=batcher.stats.as_dict,
+        client, keys, info, settings.heartbeat_interval_s, settings.heartbeat_ttl_s
     )
     _runtime = WorkerRuntime(
         settings, keys, spec, engine, client, info, lease, announcer, embeddings, rerank
     )
+    announcer.stats = _runtime.stats
     return _runtime
 
 
