@@ -33,6 +33,12 @@ ENGINES: dict[str, EngineEntry] = {
         "cpu",
         "pip install 'inferq[cpu]'",
     ),
+    "vacc": EngineEntry(
+        "app.engines.vacc:load_vacc_engine",
+        frozenset({"embedding", "rerank"}),
+        "vacc",
+        "run the worker in the Vastai VACC image, which ships vaststreamx",
+    ),
     "cross_encoder": EngineEntry(
         "app.engines.cross_encoder:CrossEncoderEngine",
         frozenset({"rerank"}),
@@ -56,6 +62,8 @@ def load_engine(spec: ModelSpec, devices: list[str]) -> Engine:
             f"engine {spec.engine!r} needs a library that is not installed ({exc.name}); "
             f"install it with: {entry.install_hint}"
         ) from exc
-    engine_cls: Any = getattr(module, class_name)
-    engine: Engine = engine_cls.load(spec, devices)
+    loader: Any = getattr(module, class_name)
+    engine: Engine = (
+        loader.load(spec, devices) if isinstance(loader, type) else loader(spec, devices)
+    )
     return engine
