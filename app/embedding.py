@@ -162,5 +162,6 @@ def build_embedding_runner(
         # compiled-shape one (used by bench/ to measure what padding costs).
         pad_to_bucket=engine.pad_to_bucket or bool(options.get("pad_to_bucket", False)),
         name="inferq-embedding-batcher",
+        min_padding_efficiency=float(options.get("min_padding_efficiency", 0.92)),  # type: ignore[arg-type]
     )
     return EmbeddingRunner(engine, batcher)

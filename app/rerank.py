@@ -94,5 +94,6 @@ def build_rerank_runner(
         max_wait_ms=wait,
         pad_to_bucket=engine.pad_to_bucket or bool(options.get("pad_to_bucket", False)),
         name="inferq-rerank-batcher",
+        min_padding_efficiency=float(options.get("min_padding_efficiency", 0.92)),  # type: ignore[arg-type]
     )
     return CrossEncoderRerank(engine, batcher)

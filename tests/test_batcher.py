@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,9 @@ BUCKETS = [Bucket(8, 4), Bucket(16, 2), Bucket(32, 2)]
 
 
 def test_default_buckets_stop_at_the_model_limit() -> None:
-    assert default_buckets(256, 32) == [Bucket(n, 32) for n in (32, 64, 128, 256)]
+    lengths = [b.max_tokens for b in default_buckets(256, 32)]
+    assert lengths[0] == 16 and lengths[-1] == 256
+    assert all(b / a <= 1.25 for a, b in itertools.pairwise(lengths))
     assert default_buckets(100, 8, [16, 500]) == [Bucket(16, 8), Bucket(100, 8)]
 
 
@@ -129,5 +132,27 @@ def test_expired_requests_are_not_computed() -> None:
         with pytest.raises(RequestTimedOut):
             late.result(timeout=2)
         assert engine.batches == []
+    finally:
+        batcher.stop()
+
+
+def test_a_partial_batch_is_topped_up_with_shorter_inputs_when_padding_allows() -> None:
+    engine = Recorder(delay=0.2)
+    batcher = BucketBatcher(
+        [Bucket(8, 4), Bucket(10, 4), Bucket(32, 4)],
+        engine,
+        max_wait_ms=1,
+        min_padding_efficiency=0.85,
+    )
+    try:
+        blocker = batcher.submit([0], [30])  # keeps the engine busy while the rest queue up
+        time.sleep(0.05)
+        futures = [batcher.submit([v], [n]) for v, n in [(1, 10), (2, 10), (3, 7), (4, 2)]]
+        assert [f.result(timeout=5) for f in futures] == [[2], [4], [6], [8]]
+        blocker.result(timeout=5)
+        runs = [payloads for payloads, _ in engine.batches]
+        # The 7-token input joins the 10-token batch (27 of 30 tokens real); the
+        # 2-token one would bring it to 29 of 40, below 85%, so it runs on its own.
+        assert sorted(map(sorted, runs)) == [[0], [1, 2, 3], [4]]
     finally:
         batcher.stop()
