@@ -1,17 +1,23 @@
-"""Queue a task for a model and wait for its reply on the result channel.
+"""Queue a task for a model and follow its replies on the result channel.
 
-Replies come in two kinds: `{"accepted": ...}` when a worker starts the task,
-then the answer. The first closes a gap in kombu's Redis transport: a worker
-pops a message (BRPOP) and only then records it as unacknowledged, so a
-worker killed between the two loses it for good. A request that no worker has
-accepted while its queue is empty was lost in that gap, and is queued again
-under the same request id; duplicates are harmless, the first answer wins.
+Replies come in three kinds: `{"accepted": ...}` when a worker starts the
+task, `{"chunk": ...}` for each streamed piece, and the final `{"ok": ...}`.
+
+Acceptance closes a gap in kombu's Redis transport: a worker pops a message
+(BRPOP) and only then records it as unacknowledged, so a worker killed between
+the two loses it for good. A request that no worker has accepted while its
+queue is empty was lost in that gap, and is queued again under the same
+request id; duplicates are harmless, the first answer wins. Once a stream has
+started, only the replica that accepted it may continue it: if that replica
+dies the stream ends with an error rather than restarting elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,6 +44,7 @@ class DispatchPolicy:
     check_interval: float = 1.0
     resend_after: float = 3.0
     max_resends: int = 3
+    cancel_ttl_s: int = 3600
 
 
 @dataclass
@@ -45,6 +52,101 @@ class Outcome:
     request_id: str
     result: dict[str, Any]
     resends: int
+
+
+class WorkerLost(InferqError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "worker_lost"
+
+
+@dataclass
+class Exchange:
+    """One queued request and the replies that come back for it."""
+
+    dispatcher: Dispatcher
+    spec: ModelSpec
+    task: str
+    payload: dict[str, Any]
+    request_id: str
+    timeout: float
+    inbox: asyncio.Queue[dict[str, Any]]
+    streaming: bool
+    resends: int = 0
+    accepted_by: str | None = None
+    finished: bool = False
+    deadline: float = 0.0
+    last_send: float = 0.0
+
+    async def replies(self) -> AsyncIterator[dict[str, Any]]:
+        """Chunks (if streaming), then the final result; raises a domain error on failure.
+
+        The timeout bounds the wait for the final reply, or, when streaming, each
+        wait for the next piece.
+        """
+        policy = self.dispatcher.policy
+        self.deadline = time.time() + self.timeout
+        while True:
+            remaining = self.deadline - time.time()
+            if remaining <= 0:
+                raise RequestTimedOut(
+                    f"model {self.spec.name!r} did not answer within {self.timeout:g}s"
+                )
+            try:
+                reply = await asyncio.wait_for(
+                    self.inbox.get(), min(remaining, policy.check_interval)
+                )
+            except TimeoutError:
+                await self._check_progress()
+                continue
+            if "accepted" in reply:
+                if self.accepted_by is None:
+                    self.accepted_by = str(reply.get("replica_id") or reply["accepted"])
+                continue
+            if "chunk" in reply:
+                if self.streaming:
+                    self.deadline = time.time() + self.timeout
+                yield reply
+                continue
+            self.finished = True
+            if reply.get("ok"):
+                yield reply
+                return
+            raise InferqError.from_wire(reply.get("error") or {})
+
+    async def _check_progress(self) -> None:
+        """Called whenever a reply is slow to come: is anyone still working on it?"""
+        dispatcher, policy = self.dispatcher, self.dispatcher.policy
+        if self.accepted_by is not None:
+            if await dispatcher.replica_alive(self.accepted_by):
+                return
+            if self.streaming:
+                raise WorkerLost(f"the worker streaming this reply for {self.spec.name!r} stopped")
+            # The broker redelivers an unfinished request; wait for a new acceptance.
+            self.accepted_by = None
+            self.last_send = time.monotonic()
+            return
+        if await dispatcher.alive(self.spec.name) == 0:
+            raise ModelUnavailable(f"model {self.spec.name!r} lost its last live replica")
+        if (
+            self.resends < policy.max_resends
+            and time.monotonic() - self.last_send >= policy.resend_after
+            and await dispatcher.queue_empty(self.spec)
+        ):
+            self.resends += 1
+            await dispatcher.send(self)
+
+    async def result(self) -> Outcome:
+        final: dict[str, Any] = {}
+        async for reply in self.replies():
+            final = reply
+        return Outcome(self.request_id, final["result"], self.resends)
+
+    async def close(self) -> None:
+        """Forget the inbox; tell the worker to stop if the request did not finish."""
+        self.dispatcher.router.close_inbox(self.request_id)
+        if not self.finished:
+            await self.dispatcher.cancel(self.request_id)
 
 
 class Dispatcher:
@@ -57,10 +159,10 @@ class Dispatcher:
         policy: DispatchPolicy,
     ) -> None:
         self._celery = celery
-        self._router = router
+        self.router = router
         self._client = client
         self._keys = keys
-        self._policy = policy
+        self.policy = policy
         self._alive_cache: dict[str, tuple[float, int]] = {}
 
     async def alive(self, model: str, max_age: float = 0.0) -> int:
@@ -76,89 +178,76 @@ class Dispatcher:
         self._alive_cache[model] = (now, count)
         return count
 
-    async def _queue_empty(self, spec: ModelSpec) -> bool:
+    async def replica_alive(self, replica_id: str) -> bool:
+        try:
+            return bool(await self._client.exists(self._keys.replica_info(replica_id)))
+        except (RedisError, OSError):
+            return True  # cannot tell; the timeout still bounds the wait
+
+    async def queue_empty(self, spec: ModelSpec) -> bool:
         try:
             return int(await self._client.llen(self._keys.queue_list(spec.queue))) == 0
         except (RedisError, OSError):
             return False
 
-    async def call(
-        self, spec: ModelSpec, task: str, payload: dict[str, Any], timeout: float
-    ) -> Outcome:
-        """Run `task` on a replica of `spec` and return its result, or raise.
+    async def cancel(self, request_id: str) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.set(self._keys.cancel(request_id), 1, ex=self.policy.cancel_ttl_s)
 
-        While waiting it re-checks that some replica of the model is still alive,
-        so a model whose last worker died answers 503 in seconds, not at timeout.
-        """
-        if not self._router.ready:
+    async def start(
+        self,
+        spec: ModelSpec,
+        task: str,
+        payload: dict[str, Any],
+        timeout: float,
+        streaming: bool = False,
+    ) -> Exchange:
+        """Check a replica lives, open the reply inbox and queue the task."""
+        if not self.router.ready:
             raise BackendUnavailable("the result channel is not connected to Redis")
         # A count up to half a second old is as good as a fresh one: heartbeats
         # expire in seconds, and one round trip per request is saved under load.
         if await self.alive(spec.name, max_age=0.5) == 0:
             raise ModelUnavailable(f"model {spec.name!r} has no live replica; start a worker")
-        policy = self._policy
-        request_id = self._router.new_request_id()
-        deadline = time.time() + timeout
-        resends = 0
-        with self._router.inbox(request_id) as inbox:
-            await self._send(spec, task, request_id, payload, deadline)
-            sent_at = time.monotonic()
-            accepted = False
-            while True:
-                remaining = deadline - time.time()
-                if remaining <= 0:
-                    raise RequestTimedOut(f"model {spec.name!r} did not answer within {timeout:g}s")
-                try:
-                    reply = await asyncio.wait_for(
-                        inbox.get(), min(remaining, policy.check_interval)
-                    )
-                except TimeoutError:
-                    if await self.alive(spec.name) == 0:
-                        raise ModelUnavailable(
-                            f"model {spec.name!r} lost its last live replica"
-                        ) from None
-                    if (
-                        not accepted
-                        and resends < policy.max_resends
-                        and time.monotonic() - sent_at >= policy.resend_after
-                        and await self._queue_empty(spec)
-                    ):
-                        resends += 1
-                        await self._send(spec, task, request_id, payload, deadline)
-                        sent_at = time.monotonic()
-                    continue
-                if "accepted" in reply:
-                    accepted = True
-                    continue
-                if reply.get("ok"):
-                    return Outcome(request_id, reply["result"], resends)
-                raise InferqError.from_wire(reply.get("error") or {})
+        request_id = self.router.new_request_id()
+        inbox = self.router.open_inbox(request_id)
+        exchange = Exchange(self, spec, task, payload, request_id, timeout, inbox, streaming)
+        try:
+            await self.send(exchange)
+        except BaseException:
+            self.router.close_inbox(request_id)
+            raise
+        return exchange
 
-    async def _send(
-        self,
-        spec: ModelSpec,
-        task: str,
-        request_id: str,
-        payload: dict[str, Any],
-        deadline: float,
-    ) -> None:
+    async def call(
+        self, spec: ModelSpec, task: str, payload: dict[str, Any], timeout: float
+    ) -> Outcome:
+        """Run `task` on a replica of `spec` and return its final result, or raise."""
+        exchange = await self.start(spec, task, payload, timeout)
+        try:
+            return await exchange.result()
+        finally:
+            await exchange.close()
+
+    async def send(self, exchange: Exchange) -> None:
         kwargs = {
-            "request_id": request_id,
-            "model": spec.name,
-            "payload": payload,
-            "deadline": deadline,
+            "request_id": exchange.request_id,
+            "model": exchange.spec.name,
+            "payload": exchange.payload,
+            "deadline": time.time() + exchange.timeout,
         }
-        expires = datetime.fromtimestamp(deadline, UTC) + timedelta(seconds=1)
+        expires = datetime.now(UTC) + timedelta(seconds=exchange.timeout + 1)
         try:
             # The anonymous exchange with the queue name as routing key puts the message
             # straight on the queue's list, sparing kombu a binding lookup per message.
             await asyncio.to_thread(
                 self._celery.send_task,
-                task,
+                exchange.task,
                 kwargs=kwargs,
                 exchange="",
-                routing_key=spec.queue,
+                routing_key=exchange.spec.queue,
                 expires=expires,
             )
         except (OperationalError, RedisError, OSError) as exc:
             raise BackendUnavailable(f"could not queue the request: {exc}") from None
+        exchange.last_send = time.monotonic()

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -52,14 +51,13 @@ class ResultRouter:
     def new_request_id(self) -> str:
         return f"{self.instance}.{uuid.uuid4().hex}"
 
-    @contextlib.contextmanager
-    def inbox(self, request_id: str) -> Iterator[asyncio.Queue[dict[str, Any]]]:
+    def open_inbox(self, request_id: str) -> asyncio.Queue[dict[str, Any]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._inboxes[request_id] = queue
-        try:
-            yield queue
-        finally:
-            self._inboxes.pop(request_id, None)
+        return queue
+
+    def close_inbox(self, request_id: str) -> None:
+        self._inboxes.pop(request_id, None)
 
     async def _run(self) -> None:
         backoff = 0.1

@@ -17,6 +17,10 @@ class KeySpace:
     def result_channel(self, request_id: str) -> str:
         return f"{self.prefix}:result:{request_id}"
 
+    def cancel(self, request_id: str) -> str:
+        """Set when a caller gives up (disconnect, timeout): workers stop or skip the work."""
+        return f"{self.prefix}:cancel:{request_id}"
+
     def replicas(self, model: str) -> str:
         """Sorted set of a model's replica ids, scored by heartbeat expiry (epoch seconds)."""
         return f"{self.prefix}:replicas:{model}"

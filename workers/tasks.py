@@ -33,7 +33,7 @@ def serve(
         rt.count("expired")  # the caller has already had its 504: do not spend the engine
         return
     rt.count("received")
-    rt.publish(request_id, {"accepted": rt.info.label})
+    rt.publish(request_id, {"accepted": rt.info.label, "replica_id": rt.info.replica_id})
     message: dict[str, Any]
     try:
         if model != rt.spec.name:
