@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# llama.cpp is compiled for a portable x86-64 (AVX2) target: a build tuned to the
+# build machine can use instructions (AMX) that a virtual machine reports but
+# does not allow, and pip reuses the cached wheel on every later install.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
 .PHONY: install up test lint format bench clean
 
@@ -11,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# The CPU build of torch, pinned before anything can pull a CUDA build.
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[cpu,postgres,dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -e '.[cpu,postgres,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

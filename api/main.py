@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from api.dispatch import Dispatcher, DispatchPolicy
 from api.errors import install_error_handlers
 from api.results import ResultRouter
-from api.routes import embeddings, health, models, rerank
+from api.routes import chat, embeddings, health, models, rerank
 from api.services import Services
 from app import __version__
 from app.celery_app import create_celery
@@ -52,4 +52,5 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.include_router(models.router)
     app.include_router(embeddings.router)
     app.include_router(rerank.router)
+    app.include_router(chat.router)
     return app

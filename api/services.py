@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import Request
@@ -12,6 +15,7 @@ from api.dispatch import Dispatcher
 from api.results import ResultRouter
 from app.errors import InvalidRequest, ModelNotFound
 from app.keys import KeySpace
+from app.prompt_size import PromptSizer, sizer_for
 from app.registry import ModelSpec, Registry
 from app.settings import Settings
 
@@ -25,6 +29,19 @@ class Services:
     router: ResultRouter
     dispatcher: Dispatcher
     started_at: int = field(default_factory=lambda: int(time.time()))
+    _sizers: dict[str, PromptSizer | None] = field(default_factory=dict)
+    _background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def prompt_sizer(self, spec: ModelSpec) -> PromptSizer | None:
+        if spec.name not in self._sizers:
+            self._sizers[spec.name] = sizer_for(spec)
+        return self._sizers[spec.name]
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run clean-up outside the current (possibly cancelled) task, keeping a reference."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def model(self, name: str, kind: str | None = None) -> ModelSpec:
         spec = self.registry.get(name)

@@ -15,6 +15,7 @@ from app.settings import Settings
 
 EMBEDDINGS_TASK = "inferq.embeddings"
 RERANK_TASK = "inferq.rerank"
+GENERATE_TASK = "inferq.generate"
 
 
 def route_by_model(

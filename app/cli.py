@@ -64,7 +64,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     if entry.device_kind == "cpu":
         pin_cpu_affinity(devices)
-    concurrency = args.concurrency or settings.worker_concurrency
+    # A chat engine runs `parallel` generations at once; more wait in the queue, where
+    # another replica can take them. Embedding/rerank workers hold many to batch them.
+    if spec.kind == "chat":
+        concurrency = args.concurrency or int(spec.options.get("parallel", 1))
+    else:
+        concurrency = args.concurrency or settings.worker_concurrency
     argv = [
         sys.executable,
         "-m",

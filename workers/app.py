@@ -69,4 +69,5 @@ def _withdraw(**_: Any) -> None:
         return
     rt.announcer.stop()
     rt.lease.stop()
-    rt.batcher.stop()
+    if rt.batcher:
+        rt.batcher.stop()

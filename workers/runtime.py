@@ -17,8 +17,9 @@ import redis
 from app.batcher import BucketBatcher
 from app.embedding import EmbeddingRunner, build_embedding_runner
 from app.engines import load_engine
-from app.engines.base import EmbeddingEngine, RerankEngine
+from app.engines.base import ChatEngine, EmbeddingEngine, RerankEngine
 from app.errors import InvalidRequest
+from app.generation import GenerationRunner
 from app.keys import KeySpace
 from app.registry import ModelKind, ModelSpec, load_registry
 from app.replicas import ReplicaAnnouncer, ReplicaInfo
@@ -34,21 +35,29 @@ class WorkerRuntime:
     settings: Settings
     keys: KeySpace
     spec: ModelSpec
-    engine: EmbeddingEngine | RerankEngine
+    engine: EmbeddingEngine | RerankEngine | ChatEngine
     client: redis.Redis
     info: ReplicaInfo
     lease: LeaseKeeper
     announcer: ReplicaAnnouncer
     embeddings: EmbeddingRunner | None
     rerank: RerankRunner | None
+    chat: GenerationRunner | None = None
     counters: dict[str, int] = field(default_factory=dict)
     counter_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def batcher(self) -> BucketBatcher:  # type: ignore[type-arg]
+    def batcher(self) -> BucketBatcher | None:  # type: ignore[type-arg]
         runner = self.embeddings or self.rerank
-        assert runner is not None
-        return runner.batcher
+        return runner.batcher if runner else None
+
+    def require_chat(self) -> GenerationRunner:
+        if self.chat is None:
+            raise InvalidRequest(f"model {self.spec.name!r} is not a chat model")
+        return self.chat
+
+    def cancelled(self, request_id: str) -> bool:
+        return bool(self.client.exists(self.keys.cancel(request_id)))
 
     def require_embeddings(self) -> EmbeddingRunner:
         if self.embeddings is None:
@@ -71,7 +80,8 @@ class WorkerRuntime:
     def stats(self) -> dict[str, float]:
         with self.counter_lock:
             totals: dict[str, float] = dict(self.counters)
-        return {**self.batcher.stats.as_dict(), **totals}
+        batching = self.batcher.stats.as_dict() if self.batcher else {}
+        return {**batching, **totals}
 
 
 _runtime: WorkerRuntime | None = None
@@ -99,7 +109,10 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
     lease = LeaseKeeper(client, keys.unacked_index, settings.visibility_timeout_s / 4)
     embeddings: EmbeddingRunner | None = None
     rerank: RerankRunner | None = None
-    if spec.kind == ModelKind.rerank:
+    chat: GenerationRunner | None = None
+    if isinstance(engine, ChatEngine):
+        chat = GenerationRunner(engine, spec.options.get("reasoning_parser"))
+    elif spec.kind == ModelKind.rerank:
         rerank = build_rerank_runner(engine, spec.options, settings.batch_max_wait_ms)
     elif isinstance(engine, EmbeddingEngine):
         embeddings = build_embedding_runner(engine, spec.options, settings.batch_max_wait_ms)
@@ -109,7 +122,7 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
         client, keys, info, settings.heartbeat_interval_s, settings.heartbeat_ttl_s
     )
     _runtime = WorkerRuntime(
-        settings, keys, spec, engine, client, info, lease, announcer, embeddings, rerank
+        settings, keys, spec, engine, client, info, lease, announcer, embeddings, rerank, chat
     )
     announcer.stats = _runtime.stats
     return _runtime

@@ -11,8 +11,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app.celery_app import EMBEDDINGS_TASK, RERANK_TASK
+from app.celery_app import EMBEDDINGS_TASK, GENERATE_TASK, RERANK_TASK
 from app.errors import EngineFailure, InferqError, InvalidRequest
+from app.protocol.chat import GenerationTask
 from app.protocol.embeddings import EmbeddingResult, EmbeddingTask
 from app.protocol.rerank import RerankResult, RerankTask
 from workers.app import celery_app
@@ -31,6 +32,9 @@ def serve(
     rt = get_runtime()
     if time.time() > deadline:
         rt.count("expired")  # the caller has already had its 504: do not spend the engine
+        return
+    if rt.cancelled(request_id):
+        rt.count("cancelled")  # the caller gave up while this waited in the queue
         return
     rt.count("received")
     rt.publish(request_id, {"accepted": rt.info.label, "replica_id": rt.info.replica_id})
@@ -74,5 +78,24 @@ def rerank(request_id: str, model: str, payload: dict[str, Any], deadline: float
             truncated=out.truncated,
             replica=rt.info.label,
         ).model_dump()
+
+    serve(request_id, model, deadline, work)
+
+
+@celery_app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def generate(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
+    """Chat and completions. Streamed requests publish each piece as it is made; a
+    caller that goes away sets the cancel key and generation stops within a few tokens."""
+
+    def work(rt: WorkerRuntime) -> dict[str, Any]:
+        task = GenerationTask.model_validate(payload)
+
+        def emit(delta: dict[str, str]) -> None:
+            rt.publish(request_id, {"chunk": delta})
+
+        result = rt.require_chat().run(
+            task, lambda: rt.cancelled(request_id), emit if task.stream else None
+        )
+        return {**result, "replica": rt.info.label}
 
     serve(request_id, model, deadline, work)

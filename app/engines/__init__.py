@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.engines.base import EmbeddingEngine, RerankEngine
+    from app.engines.base import ChatEngine, EmbeddingEngine, RerankEngine
     from app.registry import ModelSpec
 
-    Engine = EmbeddingEngine | RerankEngine
+    Engine = EmbeddingEngine | RerankEngine | ChatEngine
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,12 @@ ENGINES: dict[str, EngineEntry] = {
         frozenset({"embedding", "rerank"}),
         "vacc",
         "run the worker in the Vastai VACC image, which ships vaststreamx",
+    ),
+    "llama_cpp": EngineEntry(
+        "app.engines.llama_cpp:LlamaCppEngine",
+        frozenset({"chat"}),
+        "cpu",
+        "pip install 'inferq[cpu]'",
     ),
     "cross_encoder": EngineEntry(
         "app.engines.cross_encoder:CrossEncoderEngine",

@@ -8,7 +8,7 @@ batches of ids. That keeps length accounting identical across engines.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,6 +17,7 @@ from app.batcher import Bucket, default_buckets
 if TYPE_CHECKING:
     import numpy as np
 
+    from app.protocol.chat import GenerationTask
     from app.registry import ModelSpec
 
 
@@ -112,3 +113,38 @@ class RerankEngine(ABC):
             param="documents",
             code="context_length_exceeded",
         )
+
+
+@dataclass
+class GenerationEvent:
+    """One step of a generation: new text, and the running token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+class ChatEngine(ABC):
+    """A text generator: chat messages through the model's own template, or a raw prompt."""
+
+    kind: ClassVar[str] = "chat"
+    #: Tokens the context holds: prompt and completion together.
+    context_length: int
+    #: Generations this engine runs at once; the worker holds as many messages.
+    parallel: int = 1
+
+    @classmethod
+    @abstractmethod
+    def load(cls, spec: ModelSpec, devices: list[str]) -> ChatEngine: ...
+
+    @abstractmethod
+    def prompt_tokens(self, task: GenerationTask) -> int:
+        """Tokens the prompt takes, chat template applied."""
+
+    @abstractmethod
+    def generate(
+        self, task: GenerationTask, should_stop: Callable[[], bool]
+    ) -> Iterator[GenerationEvent]:
+        """Yield text as it is generated; the last event carries the finish reason
+        (`stop` or `length`). `should_stop` is polled every few tokens."""
