@@ -106,11 +106,29 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"engine {self.engine!r} serves {', '.join(sorted(kinds))}, not {self.kind}"
             )
+        parser = self.options.get("reasoning_parser")
+        if parser is not None:
+            from app.reasoning import PARSERS
+
+            if self.kind != "chat" or parser not in PARSERS:
+                raise ValueError(
+                    f"options.reasoning_parser {parser!r} needs a chat model and one of "
+                    f"{', '.join(PARSERS)}"
+                )
+        from app.engines import validate_for_engine
+
+        validate_for_engine(self)
         return self
 
     @property
     def queue(self) -> str:
+        """Interactive requests (the sync API)."""
         return f"model.{self.name}"
+
+    @property
+    def bulk_queue(self) -> str:
+        """Async jobs; a worker serves it only while `queue` is empty."""
+        return f"model.{self.name}.bulk"
 
     def resolved_path(self) -> Path:
         """The model's local directory; `package:<module>/<sub>` points inside an installed

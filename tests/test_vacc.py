@@ -186,5 +186,5 @@ def test_without_vaststreamx_the_worker_says_what_is_missing(layout_dir: Path) -
     with pytest.raises(ImportError, match="ships in the Vastai VACC image"):
         VsxRunner(read_layout(layout_dir), 0)
     spec = ModelSpec(name="bge", kind="embedding", engine="vacc", path=str(layout_dir))
-    with pytest.raises((EngineLoadError, ImportError), match="VACC image"):
+    with pytest.raises(EngineLoadError, match="VACC image"):
         load_engine(spec, ["0"])

@@ -23,6 +23,8 @@ class EngineEntry:
     kinds: frozenset[str]
     device_kind: str  # "cpu", "cuda" or "vacc": how a worker pins its devices
     install_hint: str
+    #: "module:function" checking a registry entry for this engine (no heavy imports).
+    validator: str | None = None
 
 
 ENGINES: dict[str, EngineEntry] = {
@@ -44,6 +46,13 @@ ENGINES: dict[str, EngineEntry] = {
         frozenset({"chat"}),
         "cpu",
         "pip install 'inferq[cpu]'",
+    ),
+    "vllm": EngineEntry(
+        "app.engines.vllm:VllmEngine",
+        frozenset({"chat"}),
+        "cuda",
+        "pip install 'inferq[vllm]' on a GPU host, or use the Vastai VACC image",
+        validator="app.engines.vllm:validate_spec",
     ),
     "cross_encoder": EngineEntry(
         "app.engines.cross_encoder:CrossEncoderEngine",
@@ -69,7 +78,20 @@ def load_engine(spec: ModelSpec, devices: list[str]) -> Engine:
             f"install it with: {entry.install_hint}"
         ) from exc
     loader: Any = getattr(module, class_name)
-    engine: Engine = (
-        loader.load(spec, devices) if isinstance(loader, type) else loader(spec, devices)
-    )
+    try:
+        engine: Engine = (
+            loader.load(spec, devices) if isinstance(loader, type) else loader(spec, devices)
+        )
+    except ImportError as exc:  # the engine's library, imported when the model loads
+        raise EngineLoadError(
+            f"engine {spec.engine!r} needs a library that is not installed "
+            f"({exc.name or exc}); install it with: {entry.install_hint}"
+        ) from exc
     return engine
+
+
+def validate_for_engine(spec: ModelSpec) -> None:
+    entry = ENGINES[spec.engine]
+    if entry.validator:
+        module_name, _, func = entry.validator.partition(":")
+        getattr(importlib.import_module(module_name), func)(spec)
