@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from api.auth import caller
 from api.dispatch import Dispatcher, DispatchPolicy
 from api.errors import install_error_handlers
+from api.job_sweeper import JobSweeper
+from api.jobs import JobQueue
 from api.results import ResultRouter
-from api.routes import chat, embeddings, health, models, rerank
+from api.routes import chat, embeddings, health, jobs, models, rerank
 from api.services import Services
 from app import __version__
 from app.celery_app import create_celery
+from app.db import engine_for
+from app.jobs.migrate import schema_problem
+from app.jobs.store import JobStore
 from app.keys import KeySpace
 from app.registry import Registry, load_registry
 from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def open_job_store(settings: Settings) -> JobStore:
+    """The job store, once its database is at the newest schema revision."""
+    engine = engine_for(settings)
+    try:
+        problem = schema_problem(engine, settings.resolved_database_url())
+    except Exception:
+        engine.dispose()
+        raise
+    if problem:
+        engine.dispose()
+        raise RuntimeError(problem)
+    return JobStore(engine)
 
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
@@ -39,18 +62,34 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             max_resends=settings.max_resends,
         )
         dispatcher = Dispatcher(celery, router, client, keys, policy)
-        app.state.services = Services(settings, registry, keys, client, router, dispatcher)
+        services = Services(settings, registry, keys, client, router, dispatcher)
+        sweepers: list[JobSweeper] = []
+
+        def open_jobs() -> JobQueue:
+            queue = JobQueue(open_job_store(settings), celery, client, keys, settings)
+            sweeper = JobSweeper(queue, client, keys, settings)
+            sweeper.start()
+            sweepers.append(sweeper)
+            return queue
+
+        services.open_jobs = open_jobs
+        services.try_open_jobs()
+        if services.jobs_problem:
+            log.warning("async jobs are unavailable: %s", services.jobs_problem)
+        app.state.services = services
         try:
             yield
         finally:
+            for sweeper in sweepers:
+                await sweeper.stop()
             await router.stop()
             await client.aclose()
 
     app = FastAPI(title="inferq", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(health.router)
-    app.include_router(models.router)
-    app.include_router(embeddings.router)
-    app.include_router(rerank.router)
-    app.include_router(chat.router)
+    # Every /v1 route needs an API key when keys are configured.
+    authenticated = [Depends(caller)]
+    for module in (models, embeddings, rerank, chat, jobs):
+        app.include_router(module.router, dependencies=authenticated)
     return app

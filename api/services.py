@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,8 +12,9 @@ import redis.asyncio as aioredis
 from fastapi import Request
 
 from api.dispatch import Dispatcher
+from api.jobs import JobQueue
 from api.results import ResultRouter
-from app.errors import InvalidRequest, ModelNotFound
+from app.errors import BackendUnavailable, InvalidRequest, ModelNotFound
 from app.keys import KeySpace
 from app.prompt_size import PromptSizer, sizer_for
 from app.registry import ModelSpec, Registry
@@ -28,7 +29,13 @@ class Services:
     redis: aioredis.Redis
     router: ResultRouter
     dispatcher: Dispatcher
+    # Async jobs need the job database; the sync API does not, so it serves without
+    # one and the job routes answer 503 with what to do until `open_jobs` succeeds.
+    open_jobs: Callable[[], JobQueue] | None = None
+    jobs: JobQueue | None = None
+    jobs_problem: str | None = "the job store is not configured"
     started_at: int = field(default_factory=lambda: int(time.time()))
+    _jobs_checked: float = 0.0
     _sizers: dict[str, PromptSizer | None] = field(default_factory=dict)
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -42,6 +49,25 @@ class Services:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def try_open_jobs(self) -> JobQueue | None:
+        if self.jobs is None and self.open_jobs is not None:
+            self._jobs_checked = time.monotonic()
+            try:
+                self.jobs = self.open_jobs()
+                self.jobs_problem = None
+            except Exception as exc:
+                self.jobs_problem = str(exc)
+        return self.jobs
+
+    def require_jobs(self) -> JobQueue:
+        if self.jobs is None and time.monotonic() - self._jobs_checked > 5.0:
+            self.try_open_jobs()
+        if self.jobs is None:
+            raise BackendUnavailable(
+                f"async jobs are unavailable: {self.jobs_problem}", code="job_store_unavailable"
+            )
+        return self.jobs
 
     def model(self, name: str, kind: str | None = None) -> ModelSpec:
         spec = self.registry.get(name)

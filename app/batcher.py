@@ -9,6 +9,11 @@ order and handed over once all of its parts are done.
 
 One engine thread runs the batches, so the engine sees one call at a time with
 all of the machine's threads, while any number of requests feed it.
+
+Requests come in two lanes: interactive (sync API calls) and bulk (async jobs).
+Each lane has its own buckets; the engine thread always takes a ready
+interactive batch before a bulk one, so a job of thousands of inputs queued
+ahead of a sync call delays it by one batch at most, not by the whole job.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ from app.errors import EngineFailure, InferqError, RequestTimedOut
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+INTERACTIVE = 0
+BULK = 1
+LANES = (INTERACTIVE, BULK)
 
 
 @dataclass(frozen=True, order=True)
@@ -141,8 +150,10 @@ class BucketBatcher(Generic[T]):
         self._max_wait = max_wait_ms / 1000.0
         self._pad_to_bucket = pad_to_bucket
         self._min_efficiency = min_padding_efficiency
-        self._open: dict[Bucket, _OpenBatch[T]] = {b: _OpenBatch(b) for b in self.buckets}
-        self._full: list[_OpenBatch[T]] = []
+        self._lanes: list[dict[Bucket, _OpenBatch[T]]] = [
+            {b: _OpenBatch(b) for b in self.buckets} for _ in LANES
+        ]
+        self._full: list[list[_OpenBatch[T]]] = [[] for _ in LANES]
         self._cond = threading.Condition()
         self._stopped = False
         self.stats = BatchStats()
@@ -160,7 +171,11 @@ class BucketBatcher(Generic[T]):
         raise ValueError(f"{length} tokens is longer than the largest bucket ({self.max_tokens})")
 
     def submit(
-        self, payloads: Sequence[T], lengths: Sequence[int], deadline: float = float("inf")
+        self,
+        payloads: Sequence[T],
+        lengths: Sequence[int],
+        deadline: float = float("inf"),
+        lane: int = INTERACTIVE,
     ) -> Future[list[Any]]:
         """Queue one request's inputs; the future resolves to their results in input order."""
         request = _Request(len(payloads), deadline)
@@ -176,14 +191,15 @@ class BucketBatcher(Generic[T]):
         with self._cond:
             if self._stopped:
                 raise RuntimeError("the batcher is stopped")
+            open_batches, full = self._lanes[lane], self._full[lane]
             for bucket, item in placed:
-                batch = self._open[bucket]
+                batch = open_batches[bucket]
                 if not batch.items:
                     batch.oldest = now
                 batch.items.append(item)
                 if len(batch.items) >= bucket.batch_size:
-                    self._full.append(batch)
-                    self._open[bucket] = _OpenBatch(bucket)
+                    full.append(batch)
+                    open_batches[bucket] = _OpenBatch(bucket)
             self._cond.notify()
         return request.future
 
@@ -194,19 +210,22 @@ class BucketBatcher(Generic[T]):
         self._thread.join(5)
 
     def _next_batch(self) -> _OpenBatch[T] | None:
-        """Under the lock: a full batch, else an open one whose oldest input waited enough."""
-        if self._full:
-            return self._full.pop(0)
+        """Under the lock: a full batch, else an open one whose oldest input waited
+        enough; the interactive lane first."""
         now = time.monotonic()
-        due = [b for b in self._open.values() if b.items and now - b.oldest >= self._max_wait]
-        if not due:
-            return None
-        batch = min(due, key=lambda b: b.oldest)
-        self._open[batch.bucket] = _OpenBatch(batch.bucket)
-        self._top_up(batch)
-        return batch
+        for lane in LANES:
+            if self._full[lane]:
+                return self._full[lane].pop(0)
+            open_batches = self._lanes[lane]
+            due = [b for b in open_batches.values() if b.items and now - b.oldest >= self._max_wait]
+            if due:
+                batch = min(due, key=lambda b: b.oldest)
+                open_batches[batch.bucket] = _OpenBatch(batch.bucket)
+                self._top_up(batch, open_batches)
+                return batch
+        return None
 
-    def _top_up(self, batch: _OpenBatch[T]) -> None:
+    def _top_up(self, batch: _OpenBatch[T], open_batches: dict[Bucket, _OpenBatch[T]]) -> None:
         """Fill a partial batch with waiting inputs of smaller buckets, longest first,
         while the batch stays at least `min_padding_efficiency` real tokens.
 
@@ -227,7 +246,7 @@ class BucketBatcher(Generic[T]):
         for bucket in reversed(self.buckets):
             if bucket >= batch.bucket or room <= 0:
                 continue
-            other = self._open[bucket]
+            other = open_batches[bucket]
             if not other.items:
                 continue
             taken: list[_Item[T]] = []
@@ -249,7 +268,7 @@ class BucketBatcher(Generic[T]):
             other.oldest = min((item.at for item in other.items), default=0.0)
 
     def _wait_time(self) -> float | None:
-        oldest = [b.oldest for b in self._open.values() if b.items]
+        oldest = [b.oldest for lane in self._lanes for b in lane.values() if b.items]
         if not oldest:
             return None
         return max(0.0, min(oldest) + self._max_wait - time.monotonic())

@@ -16,6 +16,7 @@ from app.settings import Settings
 EMBEDDINGS_TASK = "inferq.embeddings"
 RERANK_TASK = "inferq.rerank"
 GENERATE_TASK = "inferq.generate"
+JOB_TASK = "inferq.job"
 
 
 def route_by_model(
@@ -58,6 +59,10 @@ def create_celery(settings: Settings) -> Celery:
             # The restore sweep holds a mutex; a worker killed while holding it must
             # not block every other worker's sweep for kombu's default 5 minutes.
             "unacked_mutex_expire": max(5, int(settings.visibility_timeout_s)),
+            # A worker consumes `model.<name>` and then `model.<name>.bulk`, and BRPOP
+            # takes from the first non-empty list in that order: async jobs run only
+            # while no interactive request waits.
+            "queue_order_strategy": "priority",
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
         },

@@ -1,4 +1,4 @@
-"""The `inferq` command: `up`, `worker`, `api`, `registry`.
+"""The `inferq` command: `up`, `worker`, `api`, `db`, `registry`.
 
 `worker` and `api` replace themselves (exec) with Celery and uvicorn once the
 environment is set, so the process a supervisor starts is the process that
@@ -78,7 +78,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "workers.app:celery_app",
         "worker",
         "-Q",
-        spec.queue,
+        # Order matters: with the "priority" queue order strategy the worker takes
+        # from the bulk queue only while the interactive one is empty.
+        f"{spec.queue},{spec.bulk_queue}",
         "--pool",
         "threads",
         "--concurrency",
@@ -150,6 +152,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             embedded.start()
             extra["INFERQ_REDIS_URL"] = embedded.url
             print(f"inferq: started a private Redis server at {embedded.url}", flush=True)
+        from app.jobs.migrate import upgrade
+
+        database_url = settings.resolved_database_url()
+        upgrade(database_url)
+        extra["INFERQ_DATABASE_URL"] = database_url
         env = child_env(extra)
         api_argv = [sys.executable, "-m", "app", "api", "--host", host, "--port", str(port)]
         supervisor.add(Child("api", api_argv, env))
@@ -189,6 +196,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    from app.db import create_db_engine
+    from app.jobs import migrate
+
+    url = get_settings().resolved_database_url()
+    if args.action == "upgrade":
+        migrate.upgrade(url, args.revision or "head")
+    elif args.action == "downgrade":
+        migrate.downgrade(url, args.revision or "-1")
+    engine = create_db_engine(url)
+    try:
+        current = migrate.current_revision(engine)
+    finally:
+        engine.dispose()
+    head = migrate.head_revision(url)
+    state = "up to date" if current == head else f"newest is {head}"
+    print(f"{engine.url.render_as_string(hide_password=True)}: {current or '(empty)'} ({state})")
+    return 0
+
+
 def cmd_registry(args: argparse.Namespace) -> int:
     settings = get_settings()
     if args.file:
@@ -223,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int)
     api.add_argument("--loglevel", default="info")
     api.set_defaults(func=cmd_api)
+
+    db = sub.add_parser("db", help="migrate the job database (Alembic)")
+    db.add_argument("action", choices=["upgrade", "downgrade", "current"])
+    db.add_argument("revision", nargs="?", help="default: head (upgrade), -1 (downgrade)")
+    db.set_defaults(func=cmd_db)
 
     registry = sub.add_parser("registry", help="validate and list a model registry")
     registry.add_argument("file", nargs="?")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.batcher import BucketBatcher
+from app.batcher import INTERACTIVE, BucketBatcher
 from app.engines.base import EmbeddingEngine
 from app.errors import InvalidRequest, RequestTimedOut
 from app.protocol.embeddings import EmbeddingInput, EmbeddingTask
@@ -132,9 +132,11 @@ class EmbeddingRunner:
         with self._tokenizer_lock:
             return [len(ids) for ids in self.engine.tokenize(texts)]
 
-    def vectors(self, prepared: PreparedInputs, deadline: float) -> np.ndarray:
+    def vectors(
+        self, prepared: PreparedInputs, deadline: float, lane: int = INTERACTIVE
+    ) -> np.ndarray:
         future = self.batcher.submit(
-            prepared.token_ids, [len(ids) for ids in prepared.token_ids], deadline
+            prepared.token_ids, [len(ids) for ids in prepared.token_ids], deadline, lane
         )
         wait = None if deadline == float("inf") else max(0.0, deadline - time.time()) + 1.0
         try:
@@ -143,10 +145,12 @@ class EmbeddingRunner:
             raise RequestTimedOut("the request's deadline passed while it waited") from None
         return np.stack(rows).astype(np.float32, copy=False)
 
-    def run(self, task: EmbeddingTask, deadline: float = float("inf")) -> EmbeddingOutput:
+    def run(
+        self, task: EmbeddingTask, deadline: float = float("inf"), lane: int = INTERACTIVE
+    ) -> EmbeddingOutput:
         check_dimensions(self.engine, task.dimensions)
         prepared = self.prepare(task.inputs, task.truncate)
-        vectors = shorten(self.vectors(prepared, deadline), task.dimensions)
+        vectors = shorten(self.vectors(prepared, deadline, lane), task.dimensions)
         return EmbeddingOutput(vectors_to_b64(vectors), prepared.token_count, prepared.truncated)
 
 

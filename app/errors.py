@@ -56,10 +56,22 @@ class AuthenticationFailed(InferqError):
     default_code = "invalid_api_key"
 
 
+class NotFound(InferqError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
 class ModelNotFound(InferqError):
     status = 404
     type = "invalid_request_error"
     default_code = "model_not_found"
+
+
+class Conflict(InferqError):
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
 
 
 class PayloadTooLarge(InferqError):
@@ -104,7 +116,9 @@ ERROR_KINDS: dict[str, type[InferqError]] = {
         InferqError,
         InvalidRequest,
         AuthenticationFailed,
+        NotFound,
         ModelNotFound,
+        Conflict,
         PayloadTooLarge,
         Overloaded,
         ModelUnavailable,

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from app.batcher import BucketBatcher
+from app.batcher import INTERACTIVE, BucketBatcher
 from app.embedding import EmbeddingRunner, build_embedding_runner
 from app.engines.base import EmbeddingEngine, Pair, RerankEngine
 from app.errors import InvalidRequest, RequestTimedOut
@@ -32,7 +32,9 @@ class RerankOutput:
 class RerankRunner(Protocol):
     batcher: BucketBatcher  # type: ignore[type-arg]
 
-    def run(self, task: RerankTask, deadline: float = float("inf")) -> RerankOutput: ...
+    def run(
+        self, task: RerankTask, deadline: float = float("inf"), lane: int = INTERACTIVE
+    ) -> RerankOutput: ...
 
 
 class CrossEncoderRerank:
@@ -43,10 +45,12 @@ class CrossEncoderRerank:
         self.batcher = batcher
         self._tokenizer_lock = threading.Lock()
 
-    def run(self, task: RerankTask, deadline: float = float("inf")) -> RerankOutput:
+    def run(
+        self, task: RerankTask, deadline: float = float("inf"), lane: int = INTERACTIVE
+    ) -> RerankOutput:
         with self._tokenizer_lock:
             pairs, truncated = self.engine.encode_pairs(task.query, task.documents, task.truncate)
-        future = self.batcher.submit(pairs, [len(p.ids) for p in pairs], deadline)
+        future = self.batcher.submit(pairs, [len(p.ids) for p in pairs], deadline, lane)
         wait = None if deadline == float("inf") else max(0.0, deadline - time.time()) + 1.0
         try:
             scores = future.result(timeout=wait)
@@ -62,7 +66,9 @@ class CosineRerank:
         self.embeddings = embeddings
         self.batcher = embeddings.batcher
 
-    def run(self, task: RerankTask, deadline: float = float("inf")) -> RerankOutput:
+    def run(
+        self, task: RerankTask, deadline: float = float("inf"), lane: int = INTERACTIVE
+    ) -> RerankOutput:
         texts = [task.query, *task.documents]
         prepared = self.embeddings.prepare(texts, truncate=True)
         if prepared.truncated and not task.truncate:
@@ -75,7 +81,7 @@ class CosineRerank:
                 param="query" if first == 0 else "documents",
                 code="context_length_exceeded",
             )
-        vectors = self.embeddings.vectors(prepared, deadline)
+        vectors = self.embeddings.vectors(prepared, deadline, lane)
         unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         scores = unit[1:] @ unit[0]
         truncated = [i - 1 for i in prepared.truncated if i > 0]

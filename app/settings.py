@@ -70,9 +70,53 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(
         default=5.0, ge=0, description="Longest an input waits for its batch to fill."
     )
+    # The job store (SQLAlchemy URL). None means SQLite in the data directory, which
+    # suits one host; workers on other hosts need a shared server (PostgreSQL).
+    database_url: str | None = None
+    job_max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Deliveries of a job before it fails (a worker died each time).",
+    )
+    job_retention_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="How long finished jobs keep their results."
+    )
+    job_queue_ttl_s: float = Field(
+        default=24 * 3600.0, gt=0, description="A job not started within this long expires."
+    )
+    job_sweep_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often the API re-sends lost jobs, expires old ones and delivers webhooks.",
+    )
+    job_resend_after_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A queued job whose message is nowhere to be seen after "
+        "this long is queued again (duplicates are harmless: a job is claimed once).",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=5, ge=1)
+    webhook_backoff_s: float = Field(default=2.0, gt=0, description="First retry delay; doubles.")
+    webhook_allow_loopback: bool = Field(
+        default=False,
+        description="Allow webhooks to loopback and private addresses (tests, single-host setups).",
+    )
+
+    # API keys. Empty means no authentication; with keys, every /v1 call needs one and
+    # jobs are visible only to the key that submitted them.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     worker_model: str | None = None
     worker_devices: Annotated[list[str], NoDecode] = Field(default_factory=list)
     worker_replica: int = 0
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
 
     @field_validator("worker_devices", mode="before")
     @classmethod
@@ -80,6 +124,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return parse_device_list(value)
         return value
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'inferq.db').resolve()}"
 
     def require_redis_url(self) -> str:
         if not self.redis_url:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,10 @@ models:
     path: {MINILM_PATH}
     placements:
       - devices: [0, 1]
+  - name: minilm-victim
+    kind: embedding
+    engine: sentence_transformers
+    path: {MINILM_PATH}
   - name: idle-model
     kind: embedding
     engine: sentence_transformers
@@ -145,6 +149,55 @@ def inferq_env(
             "HF_HUB_OFFLINE": "1",
         }
     )
+
+
+PG_BASE = os.environ.get(
+    "INFERQ_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(scope="session")
+def pg_schemas(run_id: str) -> Iterator[Callable[[str], str]]:
+    """Database URLs on the machine's PostgreSQL, each in a fresh schema of its own.
+
+    The schema is chosen through the connection's search_path, so Alembic, the
+    API and the workers all see only this run's tables; all are dropped after.
+    """
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(PG_BASE, isolation_level="AUTOCOMMIT")
+    made: list[str] = []
+
+    def new(label: str) -> str:
+        schema = f"iqt_{run_id}_{label}".lower()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        made.append(schema)
+        return f"{PG_BASE}?options=-csearch_path%3D{schema}"
+
+    try:
+        yield new
+    finally:
+        with admin.connect() as conn:
+            for schema in made:
+                conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_urls(
+    pg_schemas: Callable[[str], str], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str, str], str]:
+    """`database_urls(backend, label)`: an empty database of that backend for one use."""
+
+    def make(backend: str, label: str) -> str:
+        if backend == "postgresql":
+            return pg_schemas(label)
+        path = tmp_path_factory.mktemp(f"db-{label}") / "inferq.db"
+        return f"sqlite:///{path}"
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -69,6 +69,22 @@ def test_up_serves_on_embedded_redis_and_stops_every_child(
                 )
             assert np.abs(got - reference_model.encode(texts)).max() < 1e-5
         assert (tmp_path / "data" / "redis" / "redis.conf").is_file()
+        # The SQLite job store was migrated by `up`: async jobs work out of the box.
+        job = client.post(
+            "/jobs",
+            body={
+                "endpoint": "/v1/embeddings",
+                "body": {"model": "all-MiniLM-L6-v2", "input": "j"},
+            },
+            cast_to=dict,
+        )
+        deadline = time.monotonic() + 60
+        while job["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+            job = client.get(f"/jobs/{job['id']}", cast_to=dict)
+        assert job["status"] == "succeeded", job
+        assert (tmp_path / "data" / "inferq.db").is_file()
     finally:
         proc.popen.send_signal(signal.SIGTERM)
         code = proc.popen.wait(30)

@@ -15,11 +15,13 @@ from typing import Any
 import redis
 
 from app.batcher import BucketBatcher
+from app.db import engine_for
 from app.embedding import EmbeddingRunner, build_embedding_runner
 from app.engines import load_engine
 from app.engines.base import ChatEngine, EmbeddingEngine, RerankEngine
 from app.errors import InvalidRequest
 from app.generation import GenerationRunner
+from app.jobs.store import JobStore
 from app.keys import KeySpace
 from app.registry import ModelKind, ModelSpec, load_registry
 from app.replicas import ReplicaAnnouncer, ReplicaInfo
@@ -45,6 +47,17 @@ class WorkerRuntime:
     chat: GenerationRunner | None = None
     counters: dict[str, int] = field(default_factory=dict)
     counter_lock: threading.Lock = field(default_factory=threading.Lock)
+    _jobs: JobStore | None = None
+
+    def job_store(self) -> JobStore:
+        """Opened on the first job: workers that only serve sync calls need no database."""
+        with self.counter_lock:
+            if self._jobs is None:
+                self._jobs = JobStore(engine_for(self.settings))
+            return self._jobs
+
+    def replica_alive(self, replica_id: str) -> bool:
+        return bool(self.client.exists(self.keys.replica_info(replica_id)))
 
     @property
     def batcher(self) -> BucketBatcher | None:  # type: ignore[type-arg]

@@ -1,7 +1,8 @@
-"""Celery tasks: decode the message, call `app/`, publish the reply. Nothing else.
+"""Celery tasks: decode the message, call `app/`, publish or record the outcome.
 
 A task never raises for bad input: every failure becomes an error reply on the
-request's channel, so one bad request cannot kill the worker or touch others.
+request's channel (sync calls) or an error on the job (async jobs), so one bad
+request cannot kill the worker or touch others.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app.celery_app import EMBEDDINGS_TASK, GENERATE_TASK, RERANK_TASK
+from app.batcher import BULK, INTERACTIVE
+from app.celery_app import EMBEDDINGS_TASK, GENERATE_TASK, JOB_TASK, RERANK_TASK
 from app.errors import EngineFailure, InferqError, InvalidRequest
 from app.protocol.chat import GenerationTask
 from app.protocol.embeddings import EmbeddingResult, EmbeddingTask
@@ -21,43 +23,16 @@ from workers.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger("inferq.worker")
 
+Work = Callable[[WorkerRuntime], dict[str, Any]]
 
-def serve(
-    request_id: str,
-    model: str,
-    deadline: float,
-    work: Callable[[WorkerRuntime], dict[str, Any]],
-) -> None:
-    """The part every inference task shares: deadline, acceptance, errors, reply."""
-    rt = get_runtime()
-    if time.time() > deadline:
-        rt.count("expired")  # the caller has already had its 504: do not spend the engine
-        return
-    if rt.cancelled(request_id):
-        rt.count("cancelled")  # the caller gave up while this waited in the queue
-        return
-    rt.count("received")
-    rt.publish(request_id, {"accepted": rt.info.label, "replica_id": rt.info.replica_id})
-    message: dict[str, Any]
-    try:
-        if model != rt.spec.name:
-            raise InvalidRequest(f"this worker serves {rt.spec.name!r}, not {model!r}")
-        message = {"ok": True, "result": work(rt)}
-    except InferqError as exc:
-        message = {"ok": False, "error": exc.to_wire()}
-    except Exception as exc:
-        log.exception("request %s failed in the engine", request_id)
-        message = {"ok": False, "error": EngineFailure(f"the engine failed: {exc}").to_wire()}
-    rt.publish(request_id, message)
-    rt.count("answered" if message["ok"] else "failed")
+# A job has no caller waiting on a clock; its expiry is enforced by the job store.
+JOB_DEADLINE_S = 24 * 3600.0
 
 
-@celery_app.task(
-    name=EMBEDDINGS_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True
-)
-def embeddings(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
+def embeddings_work(payload: dict[str, Any], deadline: float, lane: int) -> Work:
     def work(rt: WorkerRuntime) -> dict[str, Any]:
-        out = rt.require_embeddings().run(EmbeddingTask.model_validate(payload), deadline)
+        task = EmbeddingTask.model_validate(payload)
+        out = rt.require_embeddings().run(task, deadline, lane)
         return EmbeddingResult(
             vectors_b64=out.vectors_b64,
             prompt_tokens=out.prompt_tokens,
@@ -65,13 +40,12 @@ def embeddings(request_id: str, model: str, payload: dict[str, Any], deadline: f
             replica=rt.info.label,
         ).model_dump()
 
-    serve(request_id, model, deadline, work)
+    return work
 
 
-@celery_app.task(name=RERANK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def rerank(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
+def rerank_work(payload: dict[str, Any], deadline: float, lane: int) -> Work:
     def work(rt: WorkerRuntime) -> dict[str, Any]:
-        out = rt.require_rerank().run(RerankTask.model_validate(payload), deadline)
+        out = rt.require_rerank().run(RerankTask.model_validate(payload), deadline, lane)
         return RerankResult(
             scores=out.scores,
             input_tokens=out.input_tokens,
@@ -79,13 +53,13 @@ def rerank(request_id: str, model: str, payload: dict[str, Any], deadline: float
             replica=rt.info.label,
         ).model_dump()
 
-    serve(request_id, model, deadline, work)
+    return work
 
 
-@celery_app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def generate(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
+def generate_work(request_id: str, payload: dict[str, Any]) -> Work:
     """Chat and completions. Streamed requests publish each piece as it is made; a
-    caller that goes away sets the cancel key and generation stops within a few tokens."""
+    caller that goes away (or cancels the job) sets the cancel key and generation
+    stops within a few tokens."""
 
     def work(rt: WorkerRuntime) -> dict[str, Any]:
         task = GenerationTask.model_validate(payload)
@@ -98,4 +72,106 @@ def generate(request_id: str, model: str, payload: dict[str, Any], deadline: flo
         )
         return {**result, "replica": rt.info.label}
 
-    serve(request_id, model, deadline, work)
+    return work
+
+
+def run_guarded(rt: WorkerRuntime, model: str, work: Work, what: str) -> dict[str, Any]:
+    """`{"ok": True, "result": ...}` or `{"ok": False, "error": <wire error>}`; never raises."""
+    try:
+        if model != rt.spec.name:
+            raise InvalidRequest(f"this worker serves {rt.spec.name!r}, not {model!r}")
+        return {"ok": True, "result": work(rt)}
+    except InferqError as exc:
+        return {"ok": False, "error": exc.to_wire()}
+    except Exception as exc:
+        log.exception("%s failed in the engine", what)
+        return {"ok": False, "error": EngineFailure(f"the engine failed: {exc}").to_wire()}
+
+
+def serve(request_id: str, model: str, deadline: float, work: Work) -> None:
+    """The part every sync inference task shares: deadline, acceptance, errors, reply."""
+    rt = get_runtime()
+    if time.time() > deadline:
+        rt.count("expired")  # the caller has already had its 504: do not spend the engine
+        return
+    if rt.cancelled(request_id):
+        rt.count("cancelled")  # the caller gave up while this waited in the queue
+        return
+    rt.count("received")
+    rt.publish(request_id, {"accepted": rt.info.label, "replica_id": rt.info.replica_id})
+    message = run_guarded(rt, model, work, f"request {request_id}")
+    rt.publish(request_id, message)
+    rt.count("answered" if message["ok"] else "failed")
+
+
+@celery_app.task(
+    name=EMBEDDINGS_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+)
+def embeddings(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
+    serve(request_id, model, deadline, embeddings_work(payload, deadline, INTERACTIVE))
+
+
+@celery_app.task(name=RERANK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def rerank(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
+    serve(request_id, model, deadline, rerank_work(payload, deadline, INTERACTIVE))
+
+
+@celery_app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def generate(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
+    serve(request_id, model, deadline, generate_work(request_id, payload))
+
+
+def job_work(job_id: str, task: str, payload: dict[str, Any]) -> Work:
+    deadline = time.time() + JOB_DEADLINE_S
+    if task == EMBEDDINGS_TASK:
+        return embeddings_work(payload, deadline, BULK)
+    if task == RERANK_TASK:
+        return rerank_work(payload, deadline, BULK)
+    if task == GENERATE_TASK:
+        return generate_work(job_id, {**payload, "stream": False})
+    raise InvalidRequest(f"unknown job task {task!r}")
+
+
+@celery_app.task(name=JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def job(job_id: str, model: str, task: str, payload: dict[str, Any]) -> None:
+    """Run an async job and record its outcome in the job store.
+
+    The store decides whether this delivery runs at all (app/jobs/store.py):
+    duplicates, cancelled jobs and jobs held by a live replica are dropped here,
+    before the engine sees them. A redelivery after a worker died takes the
+    job over. Only if the store cannot be reached does the task raise; the
+    message is then acknowledged and the API's sweeper sends the job again.
+    """
+    rt = get_runtime()
+    store = rt.job_store()
+    claim = store.claim(job_id, rt.info.replica_id, rt.replica_alive, rt.settings.job_max_attempts)
+    if claim.job is None:
+        rt.count("jobs_skipped")
+        log.info("job %s not run: %s", job_id, claim.reason)
+        return
+    rt.count("jobs_started")
+    try:
+        work = job_work(job_id, task, payload)
+    except InferqError as exc:
+        outcome: dict[str, Any] = {"ok": False, "error": exc.to_wire()}
+    else:
+        outcome = run_guarded(rt, model, work, f"job {job_id}")
+    if outcome["ok"]:
+        recorded = store.finish(job_id, rt.info.replica_id, result=outcome["result"])
+    else:
+        error = InferqError.from_wire(outcome["error"])
+        recorded = store.finish(
+            job_id,
+            rt.info.replica_id,
+            error={
+                "type": error.type,
+                "code": error.code,
+                "message": error.message,
+                "param": error.param,
+                "status": error.status,
+            },
+        )
+    if recorded:
+        rt.count("jobs_succeeded" if outcome["ok"] else "jobs_failed")
+    else:
+        rt.count("jobs_discarded")  # cancelled while it ran, or taken over elsewhere

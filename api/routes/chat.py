@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -11,52 +10,21 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from api.calls import (
+    completion_event,
+    prepare_chat,
+    prepare_completion,
+    render_chat,
+    render_completion,
+    usage,
+)
 from api.deps import REPLICA_HEADER, ServicesDep, TimeoutDep
 from api.dispatch import Exchange
 from api.services import Services
-from app.celery_app import GENERATE_TASK
 from app.errors import InferqError
-from app.generation import check_context
-from app.protocol.chat import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    GenerationTask,
-    SamplingFields,
-)
-from app.registry import ModelSpec
+from app.protocol.chat import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
-
-
-def _sampling(body: SamplingFields, max_tokens: int | None) -> dict[str, Any]:
-    return {
-        "max_tokens": max_tokens,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "stop": body.stop,
-        "seed": body.seed,
-        "presence_penalty": body.presence_penalty,
-        "frequency_penalty": body.frequency_penalty,
-        "stream": body.stream,
-    }
-
-
-async def _check_fits(services: Services, spec: ModelSpec, task: GenerationTask) -> None:
-    """Refuse, before queueing, a prompt or budget the model's context cannot hold."""
-    sizer = services.prompt_sizer(spec)
-    if sizer is None:
-        return
-    tokens = await asyncio.to_thread(sizer.count, task)
-    check_context(tokens, task.max_tokens, sizer.context_length)
-
-
-def _usage(result: dict[str, Any]) -> dict[str, int]:
-    prompt, completion = int(result["prompt_tokens"]), int(result["completion_tokens"])
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -107,16 +75,10 @@ def _stream(events: AsyncIterator[bytes]) -> StreamingResponse:
 async def chat_completions(
     body: ChatCompletionRequest, services: ServicesDep, timeout: TimeoutDep
 ) -> Any:
-    spec = services.model(body.model, kind="chat")
-    task = GenerationTask(
-        messages=[{"role": m.role, "content": m.text()} for m in body.messages],
-        json_mode=bool(body.response_format and body.response_format.type == "json_object"),
-        chat_template_kwargs=body.chat_template_kwargs,
-        **_sampling(body, body.token_limit()),
-    )
-    await _check_fits(services, spec, task)
+    call = await prepare_chat(body, services)
+    spec = call.spec
     exchange = await services.dispatcher.start(
-        spec, GENERATE_TASK, task.model_dump(), timeout, streaming=body.stream
+        spec, call.task, call.payload, timeout, streaming=body.stream
     )
     completion_id, created = f"chatcmpl-{exchange.request_id}", int(time.time())
     if not body.stream:
@@ -124,25 +86,7 @@ async def chat_completions(
             result = (await exchange.result()).result
         finally:
             await exchange.close()
-        message: dict[str, Any] = {"role": "assistant", "content": result["text"]}
-        if result.get("reasoning") is not None:
-            message["reasoning_content"] = result["reasoning"]
-        payload = {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": spec.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "finish_reason": result["finish_reason"],
-                    "logprobs": None,
-                }
-            ],
-            "usage": _usage(result),
-            "system_fingerprint": None,
-        }
+        payload = render_chat(body, spec.name, result, exchange.request_id, created)
         return JSONResponse(payload, headers={REPLICA_HEADER: result["replica"]})
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -167,7 +111,7 @@ async def chat_completions(
     def tail(result: dict[str, Any]) -> list[dict[str, Any]]:
         events = [chunk({}, result["finish_reason"])]
         if include_usage:
-            events.append({**chunk({}), "choices": [], "usage": _usage(result)})
+            events.append({**chunk({}), "choices": [], "usage": usage(result)})
         return events
 
     head = chunk({"role": "assistant", "content": ""})
@@ -176,29 +120,22 @@ async def chat_completions(
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, services: ServicesDep, timeout: TimeoutDep) -> Any:
-    spec = services.model(body.model, kind="chat")
-    task = GenerationTask(prompt=body.prompt_text(), **_sampling(body, body.max_tokens))
-    await _check_fits(services, spec, task)
+    call = await prepare_completion(body, services)
+    spec = call.spec
     exchange = await services.dispatcher.start(
-        spec, GENERATE_TASK, task.model_dump(), timeout, streaming=body.stream
+        spec, call.task, call.payload, timeout, streaming=body.stream
     )
-    completion_id, created = f"cmpl-{exchange.request_id}", int(time.time())
+    created = int(time.time())
 
     def event(text: str, finish: str | None) -> dict[str, Any]:
-        return {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": spec.name,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
-        }
+        return completion_event(exchange.request_id, created, spec.name, text, finish)
 
     if not body.stream:
         try:
             result = (await exchange.result()).result
         finally:
             await exchange.close()
-        payload = {**event(result["text"], result["finish_reason"]), "usage": _usage(result)}
+        payload = render_completion(body, spec.name, result, exchange.request_id, created)
         return JSONResponse(payload, headers={REPLICA_HEADER: result["replica"]})
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -209,7 +146,7 @@ async def completions(body: CompletionRequest, services: ServicesDep, timeout: T
     def tail(result: dict[str, Any]) -> list[dict[str, Any]]:
         events = [event("", result["finish_reason"])]
         if include_usage:
-            events.append({**event("", None), "choices": [], "usage": _usage(result)})
+            events.append({**event("", None), "choices": [], "usage": usage(result)})
         return events
 
     return _stream(_relay(services, exchange, None, piece, tail))

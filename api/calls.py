@@ -1,0 +1,245 @@
+"""What each inference endpoint does before and after a worker runs it.
+
+`prepare` validates a body and turns it into a task for a model's queue;
+`render` turns the worker's result into the endpoint's response. The sync
+routes and async jobs use the same two functions, so a job is refused for
+exactly the reasons the sync call would be, and its result has exactly the
+sync response's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from app.celery_app import EMBEDDINGS_TASK, GENERATE_TASK, RERANK_TASK
+from app.embedding import b64_to_vector
+from app.errors import InvalidRequest
+from app.generation import check_context
+from app.limits import check_input_limits
+from app.protocol.chat import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationTask,
+    SamplingFields,
+)
+from app.protocol.embeddings import EmbeddingRequest, EmbeddingResult, EmbeddingTask
+from app.protocol.rerank import RerankRequest, RerankResult, RerankTask
+from app.registry import ModelSpec
+
+if TYPE_CHECKING:
+    from api.services import Services
+
+
+@dataclass(frozen=True)
+class Prepared:
+    body: Any
+    spec: ModelSpec
+    task: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EndpointCall:
+    path: str
+    request_model: type[BaseModel]
+    prepare: Callable[[Any, Services], Awaitable[Prepared]]
+    # (body, model name, worker result, request or job id, created) -> response body
+    render: Callable[[Any, str, dict[str, Any], str, int], dict[str, Any]]
+
+    def parse(self, raw: Any, param_prefix: str = "body") -> Any:
+        """Validate a raw JSON body the way FastAPI would for the sync route."""
+        try:
+            return self.request_model.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            param = f"{param_prefix}.{loc}" if loc else param_prefix
+            message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+            raise InvalidRequest(f"{param}: {message}", param=param) from None
+
+
+# ---- embeddings ---------------------------------------------------------------------
+
+
+async def prepare_embeddings(body: EmbeddingRequest, services: Services) -> Prepared:
+    spec = services.model(body.model, kind="embedding")
+    check_input_limits(body.input, services.settings)
+    task = EmbeddingTask(inputs=body.input, truncate=body.truncate, dimensions=body.dimensions)
+    return Prepared(body, spec, EMBEDDINGS_TASK, task.model_dump())
+
+
+def render_embeddings(
+    body: EmbeddingRequest, model: str, raw: dict[str, Any], _: str, __: int
+) -> dict[str, Any]:
+    result = EmbeddingResult.model_validate(raw)
+    data: list[dict[str, Any]] = []
+    for index, b64 in enumerate(result.vectors_b64):
+        vector: Any = b64 if body.encoding_format == "base64" else b64_to_vector(b64).tolist()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        "inferq": {"truncated_inputs": result.truncated, "replica": result.replica},
+    }
+
+
+# ---- rerank -------------------------------------------------------------------------
+
+
+async def prepare_rerank(body: RerankRequest, services: Services) -> Prepared:
+    spec = services.model(body.model, kind="rerank")
+    check_input_limits(body.documents, services.settings, param="documents")
+    check_input_limits([body.query], services.settings, param="query")
+    task = RerankTask(query=body.query, documents=body.documents, truncate=body.truncate)
+    return Prepared(body, spec, RERANK_TASK, task.model_dump())
+
+
+def render_rerank(
+    body: RerankRequest, model: str, raw: dict[str, Any], request_id: str, _: int
+) -> dict[str, Any]:
+    result = RerankResult.model_validate(raw)
+    order = sorted(range(len(result.scores)), key=lambda i: result.scores[i], reverse=True)
+    if body.top_n is not None:
+        order = order[: body.top_n]
+    return {
+        "id": request_id,
+        "results": [
+            {
+                "index": i,
+                "relevance_score": result.scores[i],
+                "document": {"text": body.documents[i]} if body.return_documents else None,
+            }
+            for i in order
+        ],
+        "meta": {
+            "api_version": None,
+            "billed_units": None,
+            "tokens": {"input_tokens": result.input_tokens, "output_tokens": 0},
+            "warnings": None,
+            "truncated_documents": result.truncated,
+            "replica": result.replica,
+        },
+    }
+
+
+# ---- chat and completions -----------------------------------------------------------
+
+
+def _sampling(body: SamplingFields, max_tokens: int | None) -> dict[str, Any]:
+    return {
+        "max_tokens": max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "stop": body.stop,
+        "seed": body.seed,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "stream": body.stream,
+    }
+
+
+async def check_fits(services: Services, spec: ModelSpec, task: GenerationTask) -> None:
+    """Refuse, before queueing, a prompt or budget the model's context cannot hold."""
+    sizer = services.prompt_sizer(spec)
+    if sizer is None:
+        # No tokenizer here: at least hold the budget to the declared context.
+        declared = spec.options.get("max_model_len") or spec.options.get("n_ctx")
+        if declared and task.max_tokens and task.max_tokens >= int(declared):
+            check_context(1, task.max_tokens, int(declared))
+        return
+    tokens = await asyncio.to_thread(sizer.count, task)
+    check_context(tokens, task.max_tokens, sizer.context_length)
+
+
+def usage(result: dict[str, Any]) -> dict[str, int]:
+    prompt, completion = int(result["prompt_tokens"]), int(result["completion_tokens"])
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+async def prepare_chat(body: ChatCompletionRequest, services: Services) -> Prepared:
+    spec = services.model(body.model, kind="chat")
+    task = GenerationTask(
+        messages=[{"role": m.role, "content": m.text()} for m in body.messages],
+        json_mode=bool(body.response_format and body.response_format.type == "json_object"),
+        chat_template_kwargs=body.chat_template_kwargs,
+        **_sampling(body, body.token_limit()),
+    )
+    await check_fits(services, spec, task)
+    return Prepared(body, spec, GENERATE_TASK, task.model_dump())
+
+
+def render_chat(
+    _: ChatCompletionRequest, model: str, result: dict[str, Any], request_id: str, created: int
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": result["text"]}
+    if result.get("reasoning") is not None:
+        message["reasoning_content"] = result["reasoning"]
+    return {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": result["finish_reason"],
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(result),
+        "system_fingerprint": None,
+    }
+
+
+async def prepare_completion(body: CompletionRequest, services: Services) -> Prepared:
+    spec = services.model(body.model, kind="chat")
+    task = GenerationTask(prompt=body.prompt_text(), **_sampling(body, body.max_tokens))
+    await check_fits(services, spec, task)
+    return Prepared(body, spec, GENERATE_TASK, task.model_dump())
+
+
+def completion_event(
+    request_id: str, created: int, model: str, text: str, finish: str | None
+) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{request_id}",
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+def render_completion(
+    _: CompletionRequest, model: str, result: dict[str, Any], request_id: str, created: int
+) -> dict[str, Any]:
+    event = completion_event(request_id, created, model, result["text"], result["finish_reason"])
+    return {**event, "usage": usage(result)}
+
+
+CALLS: dict[str, EndpointCall] = {
+    call.path: call
+    for call in (
+        EndpointCall("/v1/embeddings", EmbeddingRequest, prepare_embeddings, render_embeddings),
+        EndpointCall("/v1/rerank", RerankRequest, prepare_rerank, render_rerank),
+        EndpointCall("/v1/chat/completions", ChatCompletionRequest, prepare_chat, render_chat),
+        EndpointCall("/v1/completions", CompletionRequest, prepare_completion, render_completion),
+    )
+}
+
+
+def now_s() -> int:
+    return int(time.time())

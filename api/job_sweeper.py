@@ -1,0 +1,136 @@
+"""The job sweeper: what keeps jobs moving when no request touches them.
+
+Every few seconds one API process (whichever holds a short Redis lease) sends
+jobs whose message was never sent or has vanished, sends again jobs whose
+worker died without the broker redelivering them, expires jobs past their
+time, and delivers due webhooks. Each step is safe to repeat: the job store
+lets only one delivery of a job run (app/jobs/store.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
+from api.jobs import JobQueue
+from api.webhooks import deliver
+from app.keys import KeySpace
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class JobSweeper:
+    def __init__(
+        self,
+        queue: JobQueue,
+        redis_client: aioredis.Redis,
+        keys: KeySpace,
+        settings: Settings,
+    ) -> None:
+        self._queue = queue
+        self._store = queue.store
+        self._redis = redis_client
+        self._keys = keys
+        self._settings = settings
+        self._me = os.urandom(8).hex()
+        self._task: asyncio.Task[None] | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    def start(self) -> None:
+        self._http = httpx.AsyncClient(timeout=self._settings.webhook_timeout_s)
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="job-sweeper")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._http:
+            await self._http.aclose()
+
+    async def _loop(self) -> None:
+        interval = self._settings.job_sweep_interval_s
+        while True:
+            try:
+                if await self._hold_lease(interval * 3):
+                    await self.sweep()
+            except (RedisError, OSError, SQLAlchemyError) as exc:
+                log.warning("job sweep failed: %s", exc)
+            except Exception:
+                log.exception("job sweep failed")
+            await asyncio.sleep(interval)
+
+    async def _hold_lease(self, ttl: float) -> bool:
+        key = f"{self._keys.prefix}:jobs:sweeper"
+        ms = int(ttl * 1000)
+        if await self._redis.set(key, self._me, nx=True, px=ms):
+            return True
+        owner = await self._redis.get(key)
+        if owner is not None and owner.decode() == self._me:
+            await self._redis.pexpire(key, ms)
+            return True
+        return False
+
+    async def sweep(self) -> None:
+        settings, store = self._settings, self._store
+        await asyncio.to_thread(store.expire, settings.job_retention_s)
+        await asyncio.to_thread(store.purge, settings.job_retention_s)
+        await self._resend_queued()
+        await self._resend_orphaned()
+        await self._deliver_webhooks()
+
+    async def _resend_queued(self) -> None:
+        """Never sent (the broker was down at submit), or sent but gone from the queue."""
+        jobs = await asyncio.to_thread(self._store.queued_unseen, self._settings.job_resend_after_s)
+        depth: dict[str, int] = {}
+        for job in jobs:
+            if job.sent_at is not None:
+                if job.model not in depth:
+                    depth[job.model] = await self._queue.bulk_depth(job.model)
+                if depth[job.model] > 0:
+                    continue  # still waiting its turn, most likely
+            await self._queue.send(job)
+
+    async def _resend_orphaned(self) -> None:
+        """Running on a replica that is gone, and the broker has not redelivered it."""
+        grace = self._settings.visibility_timeout_s * 2 + self._settings.job_resend_after_s
+        jobs = await asyncio.to_thread(self._store.running_since, grace)
+        for job in jobs:
+            if job.replica_id and await self._redis.exists(self._keys.replica_info(job.replica_id)):
+                continue
+            log.info("job %s lost its worker; sending it again", job.id)
+            await self._queue.send(job)
+
+    async def _deliver_webhooks(self) -> None:
+        jobs = await asyncio.to_thread(self._store.webhooks_due)
+        if jobs and self._http is not None:
+            await asyncio.gather(*(self._deliver(job) for job in jobs))
+
+    async def _deliver(self, job: Any) -> None:
+        settings = self._settings
+        assert self._http is not None
+        error = await deliver(
+            self._http, job.webhook_url, self._queue.view(job), settings.webhook_allow_loopback
+        )
+        attempt = job.webhook_attempts + 1
+        retry_in = None
+        if error is not None and attempt < settings.webhook_max_attempts:
+            retry_in = settings.webhook_backoff_s * 2 ** (attempt - 1)
+        if error is not None:
+            log.info("webhook for job %s failed (attempt %d): %s", job.id, attempt, error)
+        await asyncio.to_thread(
+            self._store.webhook_attempted,
+            job.id,
+            delivered=error is None,
+            error=error,
+            retry_in_s=retry_in,
+        )

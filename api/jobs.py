@@ -1,0 +1,136 @@
+"""The API's side of async jobs: submitting, showing and sending them.
+
+Jobs go to `model.<name>.bulk`, a second queue every worker of the model
+consumes after its interactive queue, with the job's priority as the message
+priority within it. The job row is written before the message is sent: if the
+send fails, the row is still there and the sweeper sends it later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis.asyncio as aioredis
+from celery import Celery
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
+
+from api.calls import CALLS
+from app.celery_app import JOB_TASK
+from app.jobs.models import Job, JobStatus
+from app.jobs.store import JobStore
+from app.keys import KeySpace
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# kombu's Redis transport keeps one list per priority step; a message with
+# priority p goes to the list of the step at or below it, 0 being served first.
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+KOMBU_PRIORITY_SEP = "\x06\x16"
+
+
+def kombu_priority(job_priority: int) -> int:
+    """Job priority 0-9 with 9 most urgent; kombu's Redis priority has 0 most urgent."""
+    return 9 - job_priority
+
+
+def _epoch(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.replace(tzinfo=UTC).timestamp())
+
+
+class JobQueue:
+    def __init__(
+        self,
+        store: JobStore,
+        celery: Celery,
+        redis_client: aioredis.Redis,
+        keys: KeySpace,
+        settings: Settings,
+    ) -> None:
+        self.store = store
+        self._celery = celery
+        self._redis = redis_client
+        self._keys = keys
+        self._settings = settings
+
+    async def send(self, job: Job) -> bool:
+        """Queue the job's message; False (logged) when the broker is unreachable."""
+        kwargs = {"job_id": job.id, "model": job.model, "task": job.task, "payload": job.payload}
+        try:
+            await asyncio.to_thread(
+                self._celery.send_task,
+                JOB_TASK,
+                kwargs=kwargs,
+                exchange="",
+                routing_key=f"model.{job.model}.bulk",
+                priority=kombu_priority(job.priority),
+            )
+        except (OperationalError, RedisError, OSError) as exc:
+            log.warning("could not queue job %s yet (%s); the sweeper retries", job.id, exc)
+            return False
+        await asyncio.to_thread(self.store.mark_sent, job.id)
+        return True
+
+    async def bulk_depth(self, model: str) -> int:
+        """Messages waiting in a model's bulk queue, over all its priority lists."""
+        base = self._keys.queue_list(f"model.{model}.bulk")
+        names = [base] + [f"{base}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS[1:]]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.llen(name)
+            lengths = await pipe.execute()
+        return sum(int(n) for n in lengths)
+
+    async def stop_running(self, job_id: str) -> None:
+        """A running chat job stops within a few tokens once its cancel key is set."""
+        try:
+            await self._redis.set(self._keys.cancel(job_id), 1, ex=24 * 3600)
+        except (RedisError, OSError) as exc:
+            log.warning("could not signal job %s to stop: %s", job_id, exc)
+
+    def view(self, job: Job) -> dict[str, Any]:
+        """The job object clients see; a succeeded job carries the sync response."""
+        settings = self._settings
+        result: dict[str, Any] | None = None
+        if job.status == JobStatus.succeeded and job.result is not None:
+            call = CALLS[job.endpoint]
+            body = call.parse(job.request)
+            result = call.render(body, job.model, job.result, job.id, _epoch(job.created_at) or 0)
+        if job.status in (JobStatus.queued, JobStatus.running):
+            expires = job.expires_at
+        elif job.finished_at is not None and job.status != JobStatus.expired:
+            expires = job.finished_at + timedelta(seconds=settings.job_retention_s)
+        else:
+            expires = None
+        error = None
+        if job.error:
+            error = {k: job.error.get(k) for k in ("code", "message", "type", "param")}
+        webhook = None
+        if job.webhook_url:
+            webhook = {
+                "url": job.webhook_url,
+                "status": job.webhook_status,
+                "attempts": job.webhook_attempts,
+                "last_error": job.webhook_error,
+            }
+        return {
+            "id": job.id,
+            "object": "job",
+            "endpoint": job.endpoint,
+            "model": job.model,
+            "status": job.status,
+            "priority": job.priority,
+            "attempts": job.attempts,
+            "created_at": _epoch(job.created_at),
+            "started_at": _epoch(job.started_at),
+            "finished_at": _epoch(job.finished_at),
+            "expires_at": _epoch(expires),
+            "metadata": job.meta,
+            "error": error,
+            "result": result,
+            "webhook": webhook,
+        }

@@ -1,0 +1,1 @@
+"""Async jobs: the durable record of work submitted now and collected later."""

@@ -1,0 +1,169 @@
+"""The job store on both databases, from an empty schema migrated by Alembic."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from app.db import create_db_engine
+from app.errors import Conflict
+from app.jobs import migrate
+from app.jobs.models import Job, JobStatus
+from app.jobs.store import JobStore, NewJob, utcnow
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def _new(**overrides: object) -> NewJob:
+    fields: dict[str, object] = {
+        "owner": "",
+        "endpoint": "/v1/embeddings",
+        "model": "minilm",
+        "task": "inferq.embeddings",
+        "priority": 5,
+        "request": {"model": "minilm", "input": ["a"]},
+        "payload": {"inputs": ["a"]},
+        "idempotency_key": None,
+        "metadata": None,
+        "webhook_url": None,
+        "ttl_s": 3600.0,
+    }
+    fields.update(overrides)
+    return NewJob(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=BACKENDS)
+def store(
+    request: pytest.FixtureRequest, database_urls: Callable[[str, str], str]
+) -> Iterator[JobStore]:
+    label = re.sub(r"\W", "_", request.node.name)[-28:]
+    url = database_urls(request.param, label)
+    migrate.upgrade(url)
+    engine = create_db_engine(url)
+    yield JobStore(engine)
+    engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_migrations_upgrade_and_downgrade_from_empty(
+    backend: str, database_urls: Callable[[str, str], str]
+) -> None:
+    url = database_urls(backend, "roundtrip")
+    engine = create_db_engine(url)
+    try:
+        assert migrate.current_revision(engine) is None
+        migrate.upgrade(url)
+        assert migrate.current_revision(engine) == migrate.head_revision(url)
+        assert migrate.schema_problem(engine, url) is None
+        assert "jobs" in sa.inspect(engine).get_table_names()
+        migrate.downgrade(url, "base")
+        assert "jobs" not in sa.inspect(engine).get_table_names()
+        assert migrate.current_revision(engine) is None
+        assert "inferq db upgrade" in (migrate.schema_problem(engine, url) or "")
+    finally:
+        engine.dispose()
+
+
+def test_models_and_migrations_agree(store: JobStore) -> None:
+    """Autogenerate finds nothing to do: the revision matches the models."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from app.jobs.models import Base
+
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_idempotency_key_returns_the_same_job_or_conflicts(store: JobStore) -> None:
+    first, created = store.create(_new(idempotency_key="k1"))
+    again, created_again = store.create(_new(idempotency_key="k1"))
+    assert created and not created_again
+    assert again.id == first.id
+    with pytest.raises(Conflict):
+        store.create(_new(idempotency_key="k1", request={"model": "minilm", "input": ["b"]}))
+    other_owner, created_other = store.create(_new(idempotency_key="k1", owner="someone"))
+    assert created_other and other_owner.id != first.id
+
+
+def test_a_job_is_claimed_once_and_taken_over_only_from_a_dead_replica(store: JobStore) -> None:
+    job, _ = store.create(_new())
+    alive = {"r1"}
+
+    def is_alive(replica: str) -> bool:
+        return replica in alive
+
+    first = store.claim(job.id, "r1", is_alive, max_attempts=3)
+    assert first.reason == "claimed" and first.job and first.job.attempts == 1
+    assert store.claim(job.id, "r1", is_alive, 3).reason == "duplicate"
+    assert store.claim(job.id, "r2", is_alive, 3).reason == "held"
+    alive.clear()
+    second = store.claim(job.id, "r2", is_alive, 3)
+    assert second.reason == "taken_over" and second.job and second.job.attempts == 2
+    # The first replica's late result is not recorded; the holder's is, once.
+    assert not store.finish(job.id, "r1", result={"x": 1})
+    assert store.finish(job.id, "r2", result={"x": 2})
+    assert not store.finish(job.id, "r2", result={"x": 3})
+    done = store.get(job.id)
+    assert done and done.status == JobStatus.succeeded and done.result == {"x": 2}
+    assert store.claim(job.id, "r3", is_alive, 3).reason == JobStatus.succeeded
+
+
+def test_attempts_run_out_after_repeated_worker_deaths(store: JobStore) -> None:
+    job, _ = store.create(_new())
+    dead = lambda _: False  # noqa: E731
+    assert store.claim(job.id, "r1", dead, 2).reason == "claimed"
+    assert store.claim(job.id, "r2", dead, 2).reason == "taken_over"
+    assert store.claim(job.id, "r3", dead, 2).reason == "attempts_exhausted"
+    failed = store.get(job.id)
+    assert failed and failed.status == JobStatus.failed and failed.attempts == 2
+    assert failed.error and failed.error["code"] == "worker_lost"
+
+
+def test_cancel_stops_claims_and_discards_late_results(store: JobStore) -> None:
+    queued, _ = store.create(_new())
+    cancelled, before = store.cancel(queued.id, "")
+    assert before == JobStatus.queued and cancelled and cancelled.status == JobStatus.cancelled
+    assert store.claim(queued.id, "r1", lambda _: True, 3).job is None
+
+    running, _ = store.create(_new())
+    store.claim(running.id, "r1", lambda _: True, 3)
+    _, before = store.cancel(running.id, "")
+    assert before == JobStatus.running
+    assert not store.finish(running.id, "r1", result={"x": 1})
+    assert store.cancel(running.id, "other-owner") == (None, None)
+
+
+def test_list_is_newest_first_with_a_cursor_and_filters(store: JobStore) -> None:
+    ids = [store.create(_new(owner="lister", model=f"m{i % 2}"))[0].id for i in range(5)]
+    page, more = store.list("lister", limit=2)
+    assert [j.id for j in page] == ids[::-1][:2] and more
+    page2, _ = store.list("lister", limit=2, after=page[-1].id)
+    assert [j.id for j in page2] == ids[::-1][2:4]
+    only_m0, _ = store.list("lister", model="m0", limit=10)
+    assert {j.model for j in only_m0} == {"m0"} and len(only_m0) == 3
+    assert store.list("nobody")[0] == []
+
+
+def test_expiry_of_unstarted_jobs_and_of_old_results(store: JobStore) -> None:
+    stale, _ = store.create(_new(ttl_s=0.0))
+    done, _ = store.create(_new())
+    store.claim(done.id, "r1", lambda _: True, 3)
+    store.finish(done.id, "r1", result={"x": 1})
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.update(Job)
+            .where(Job.id == done.id)
+            .values(finished_at=utcnow() - timedelta(hours=2))
+        )
+    store.expire(retention_s=3600)
+    expired = store.get(stale.id)
+    assert expired and expired.status == JobStatus.expired
+    assert expired.error and expired.error["code"] == "expired"
+    old = store.get(done.id)
+    assert old and old.status == JobStatus.expired and old.result is None
