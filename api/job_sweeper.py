@@ -83,7 +83,8 @@ class JobSweeper:
     async def sweep(self) -> None:
         settings, store = self._settings, self._store
         await asyncio.to_thread(store.expire, settings.job_retention_s)
-        await asyncio.to_thread(store.purge, settings.job_retention_s)
+        # An expired job stays listed (without its result) for one more retention period.
+        await asyncio.to_thread(store.purge, 2 * settings.job_retention_s)
         await self._resend_queued()
         await self._resend_orphaned()
         await self._deliver_webhooks()

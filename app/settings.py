@@ -107,6 +107,13 @@ class Settings(BaseSettings):
     # jobs are visible only to the key that submitted them.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    stream_coalesce_ms: float = Field(
+        default=20.0,
+        ge=0,
+        description="Streamed pieces made within this many ms of the last sent one travel "
+        "together; the first piece is never held. 0 sends every piece alone.",
+    )
+
     worker_model: str | None = None
     worker_devices: Annotated[list[str], NoDecode] = Field(default_factory=list)
     worker_replica: int = 0

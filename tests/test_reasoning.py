@@ -81,3 +81,25 @@ def test_tags_split_at_every_position() -> None:
     assert split_reasoning("deepseek_r1", "unfinished thought").reasoning == "unfinished thought"
     with pytest.raises(ValueError, match="unknown reasoning parser"):
         ReasoningParser("nope")
+
+
+def test_stream_pieces_are_coalesced_after_the_first() -> None:
+    from app.generation import StreamCoalescer
+
+    sent: list[dict[str, str]] = []
+    stream = StreamCoalescer(sent.append, window_s=60.0)
+    stream.add({"content": "Hel", "reasoning": ""})
+    assert sent == [{"content": "Hel", "reasoning": ""}]  # the first piece is never held
+    stream.add({"content": "lo", "reasoning": ""})
+    stream.add({"content": " world", "reasoning": "hmm"})
+    assert len(sent) == 1
+    stream.flush()
+    assert sent[1] == {"content": "lo world", "reasoning": "hmm"}
+    stream.flush()
+    assert len(sent) == 2
+
+    every: list[dict[str, str]] = []
+    unbuffered = StreamCoalescer(every.append, window_s=0.0)
+    for piece in ("a", "b", "c"):
+        unbuffered.add({"content": piece})
+    assert [d["content"] for d in every] == ["a", "b", "c"]

@@ -15,6 +15,7 @@ from typing import Any
 from app.batcher import BULK, INTERACTIVE
 from app.celery_app import EMBEDDINGS_TASK, GENERATE_TASK, JOB_TASK, RERANK_TASK
 from app.errors import EngineFailure, InferqError, InvalidRequest
+from app.generation import StreamCoalescer
 from app.protocol.chat import GenerationTask
 from app.protocol.embeddings import EmbeddingResult, EmbeddingTask
 from app.protocol.rerank import RerankResult, RerankTask
@@ -67,9 +68,11 @@ def generate_work(request_id: str, payload: dict[str, Any]) -> Work:
         def emit(delta: dict[str, str]) -> None:
             rt.publish(request_id, {"chunk": delta})
 
+        stream = StreamCoalescer(emit, rt.settings.stream_coalesce_ms / 1000.0)
         result = rt.require_chat().run(
-            task, lambda: rt.cancelled(request_id), emit if task.stream else None
+            task, lambda: rt.cancelled(request_id), stream.add if task.stream else None
         )
+        stream.flush()
         return {**result, "replica": rt.info.label}
 
     return work
