@@ -97,9 +97,13 @@ class JobQueue:
         settings = self._settings
         result: dict[str, Any] | None = None
         if job.status == JobStatus.succeeded and job.result is not None:
-            call = CALLS[job.endpoint]
-            body = call.parse(job.request)
-            result = call.render(body, job.model, job.result, job.id, _epoch(job.created_at) or 0)
+            call = CALLS.get(job.endpoint)
+            if call is None:  # a corpus shard: its result is a reference to its files
+                result = job.result
+            else:
+                body = call.parse(job.request)
+                created = _epoch(job.created_at) or 0
+                result = call.render(body, job.model, job.result, job.id, created)
         if job.status in (JobStatus.queued, JobStatus.running):
             expires = job.expires_at
         elif job.finished_at is not None and job.status != JobStatus.expired:

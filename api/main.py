@@ -10,16 +10,19 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
 
 from api.auth import caller
+from api.bulk import BulkCoordinator
 from api.dispatch import Dispatcher, DispatchPolicy
 from api.errors import install_error_handlers
 from api.job_sweeper import JobSweeper
 from api.jobs import JobQueue
 from api.results import ResultRouter
-from api.routes import chat, embeddings, health, jobs, models, rerank
-from api.services import Services
+from api.routes import batches, chat, corpus, embeddings, files, health, jobs, models, rerank
+from api.services import BulkServices, Services
 from app import __version__
 from app.celery_app import create_celery
 from app.db import engine_for
+from app.jobs.bulk_store import BulkStore
+from app.jobs.files import FileStore
 from app.jobs.migrate import schema_problem
 from app.jobs.store import JobStore
 from app.keys import KeySpace
@@ -64,13 +67,20 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         dispatcher = Dispatcher(celery, router, client, keys, policy)
         services = Services(settings, registry, keys, client, router, dispatcher)
         sweepers: list[JobSweeper] = []
+        coordinators: list[BulkCoordinator] = []
 
-        def open_jobs() -> JobQueue:
-            queue = JobQueue(open_job_store(settings), celery, client, keys, settings)
+        def open_jobs() -> tuple[JobQueue, BulkServices]:
+            store = open_job_store(settings)
+            queue = JobQueue(store, celery, client, keys, settings)
             sweeper = JobSweeper(queue, client, keys, settings)
+            files = FileStore(store.engine, settings.resolved_files_dir())
+            bulk = BulkStore(store.engine)
+            coordinator = BulkCoordinator(services, queue, bulk, files, client, keys, settings)
             sweeper.start()
+            coordinator.start()
             sweepers.append(sweeper)
-            return queue
+            coordinators.append(coordinator)
+            return queue, BulkServices(files, bulk, coordinator)
 
         services.open_jobs = open_jobs
         services.try_open_jobs()
@@ -82,6 +92,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         finally:
             for sweeper in sweepers:
                 await sweeper.stop()
+            for coordinator in coordinators:
+                await coordinator.stop()
             await router.stop()
             await client.aclose()
 
@@ -90,6 +102,6 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.include_router(health.router)
     # Every /v1 route needs an API key when keys are configured.
     authenticated = [Depends(caller)]
-    for module in (models, embeddings, rerank, chat, jobs):
+    for module in (models, embeddings, rerank, chat, jobs, files, batches, corpus):
         app.include_router(module.router, dependencies=authenticated)
     return app

@@ -6,19 +6,33 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from fastapi import Request
+
+if TYPE_CHECKING:
+    from api.bulk import BulkCoordinator
 
 from api.dispatch import Dispatcher
 from api.jobs import JobQueue
 from api.results import ResultRouter
 from app.errors import BackendUnavailable, InvalidRequest, ModelNotFound
+from app.jobs.bulk_store import BulkStore
+from app.jobs.files import FileStore
 from app.keys import KeySpace
 from app.prompt_size import PromptSizer, sizer_for
 from app.registry import ModelSpec, Registry
 from app.settings import Settings
+
+
+@dataclass
+class BulkServices:
+    """Files, batches and corpus jobs: they share the job store's database."""
+
+    files: FileStore
+    store: BulkStore
+    coordinator: BulkCoordinator
 
 
 @dataclass
@@ -31,8 +45,9 @@ class Services:
     dispatcher: Dispatcher
     # Async jobs need the job database; the sync API does not, so it serves without
     # one and the job routes answer 503 with what to do until `open_jobs` succeeds.
-    open_jobs: Callable[[], JobQueue] | None = None
+    open_jobs: Callable[[], tuple[JobQueue, BulkServices]] | None = None
     jobs: JobQueue | None = None
+    bulk: BulkServices | None = None
     jobs_problem: str | None = "the job store is not configured"
     started_at: int = field(default_factory=lambda: int(time.time()))
     _jobs_checked: float = 0.0
@@ -54,7 +69,7 @@ class Services:
         if self.jobs is None and self.open_jobs is not None:
             self._jobs_checked = time.monotonic()
             try:
-                self.jobs = self.open_jobs()
+                self.jobs, self.bulk = self.open_jobs()
                 self.jobs_problem = None
             except Exception as exc:
                 self.jobs_problem = str(exc)
@@ -68,6 +83,11 @@ class Services:
                 f"async jobs are unavailable: {self.jobs_problem}", code="job_store_unavailable"
             )
         return self.jobs
+
+    def require_bulk(self) -> BulkServices:
+        self.require_jobs()
+        assert self.bulk is not None
+        return self.bulk
 
     def model(self, name: str, kind: str | None = None) -> ModelSpec:
         spec = self.registry.get(name)

@@ -17,6 +17,8 @@ EMBEDDINGS_TASK = "inferq.embeddings"
 RERANK_TASK = "inferq.rerank"
 GENERATE_TASK = "inferq.generate"
 JOB_TASK = "inferq.job"
+#: Not a Celery task: the `task` of a job that embeds one shard of a corpus file.
+CORPUS_SHARD = "inferq.corpus_shard"
 
 
 def route_by_model(

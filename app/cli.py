@@ -1,4 +1,4 @@
-"""The `inferq` command: `up`, `worker`, `api`, `db`, `registry`.
+"""The `inferq` command: `up`, `worker`, `api`, `db`, `embed`, `registry`.
 
 `worker` and `api` replace themselves (exec) with Celery and uvicorn once the
 environment is set, so the process a supervisor starts is the process that
@@ -216,6 +216,28 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from app.embed_cli import run_embed
+
+    settings = get_settings()
+    base = args.api or f"http://{settings.api_host}:{settings.api_port}"
+    key = args.api_key or (settings.api_keys[0] if settings.api_keys else None)
+    run_embed(
+        base,
+        key,
+        Path(args.input),
+        args.model,
+        Path(args.out),
+        output_format=args.format,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        shard_size=args.shard_size,
+    )
+    return 0
+
+
 def cmd_registry(args: argparse.Namespace) -> int:
     settings = get_settings()
     if args.file:
@@ -255,6 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("action", choices=["upgrade", "downgrade", "current"])
     db.add_argument("revision", nargs="?", help="default: head (upgrade), -1 (downgrade)")
     db.set_defaults(func=cmd_db)
+
+    embed = sub.add_parser("embed", help="embed a whole file as a corpus job on the cluster")
+    embed.add_argument("input", help="JSONL, CSV, Parquet, or plain text (one text per line)")
+    embed.add_argument("--model", required=True)
+    embed.add_argument("--out", required=True, help="output file: .jsonl, .parquet or .npy")
+    embed.add_argument("--format", choices=["jsonl", "parquet", "npy"])
+    embed.add_argument("--text-field", help="field holding the text (default: text)")
+    embed.add_argument("--id-field", help="field holding the id (default: the row number)")
+    embed.add_argument("--shard-size", type=int)
+    embed.add_argument("--api", help="API base URL (default: INFERQ_API_HOST/PORT)")
+    embed.add_argument("--api-key", help="default: the first of INFERQ_API_KEYS")
+    embed.set_defaults(func=cmd_embed)
 
     registry = sub.add_parser("registry", help="validate and list a model registry")
     registry.add_argument("file", nargs="?")

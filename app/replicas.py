@@ -89,6 +89,9 @@ class ReplicaAnnouncer:
 
     def stop(self) -> None:
         self._stop.set()
+        # A beat in flight would re-announce the replica after it is withdrawn.
+        if self._thread.is_alive():
+            self._thread.join(5)
         try:
             pipe = self._client.pipeline(transaction=False)
             pipe.zrem(self._keys.replicas(self.info.model), self.info.replica_id)

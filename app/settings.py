@@ -103,6 +103,16 @@ class Settings(BaseSettings):
         description="Allow webhooks to loopback and private addresses (tests, single-host setups).",
     )
 
+    # Files, batches and corpus jobs. Workers read inputs and write shards here too, so
+    # on several hosts it is a shared mount (NFS or similar) at the same path.
+    files_dir: Path | None = Field(default=None, description="Default: <data_dir>/files.")
+    max_upload_bytes: int = Field(default=8 * 1024**3, gt=0)
+    batch_max_lines: int = Field(default=50_000, gt=0)
+    corpus_shard_size: int = Field(default=1000, gt=0)
+    bulk_poll_interval_s: float = Field(
+        default=1.0, gt=0, description="How often batches and corpus jobs are advanced."
+    )
+
     # API keys. Empty means no authentication; with keys, every /v1 call needs one and
     # jobs are visible only to the key that submitted them.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -136,6 +146,9 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'inferq.db').resolve()}"
+
+    def resolved_files_dir(self) -> Path:
+        return (self.files_dir or self.data_dir / "files").resolve()
 
     def require_redis_url(self) -> str:
         if not self.redis_url:

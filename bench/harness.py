@@ -79,6 +79,14 @@ class Deployment:
             }
         )
         self.env = env
+        # The job store (SQLite in the data dir) must be at the newest schema.
+        subprocess.run(
+            [sys.executable, "-m", "app", "db", "upgrade"],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         argv = [sys.executable, "-m", "app", "api", "--port", str(port), "--loglevel", "warning"]

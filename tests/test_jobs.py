@@ -10,62 +10,18 @@ from __future__ import annotations
 import http.server
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import redis
 
-from app.keys import KeySpace
-from tests.procs import ROOT, Proc, alive_replica_count, start_api, start_worker
-
-KEY_A, KEY_B = "job-key-a", "job-key-b"
-
-
-@dataclass
-class Stack:
-    backend: str
-    env: dict[str, str]
-    base: str
-    log_dir: Path
-    api: Proc
-    workers: dict[str, Proc] = field(default_factory=dict)
-
-    def http(self, key: str | None = KEY_A) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.base, headers=headers, timeout=60)
-
-    def inferq(self, *args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "app", *args],
-            env=self.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    def worker_stats(self, proc: Proc, model: str) -> dict[str, float]:
-        """The counters a worker process itself reports through its heartbeat."""
-        client = redis.Redis.from_url(self.env["INFERQ_REDIS_URL"])
-        keys = KeySpace(self.env["INFERQ_KEY_PREFIX"])
-        for member in client.zrange(keys.replicas(model), 0, -1):
-            replica_id = member.decode()
-            info = client.get(keys.replica_info(replica_id))
-            if info and json.loads(info)["pid"] == proc.pid:
-                raw = client.hgetall(keys.replica_stats(replica_id))
-                return {k.decode(): float(v) for k, v in raw.items()}
-        return {}
+from tests.procs import Proc, alive_replica_count, start_api, start_worker
+from tests.stack import KEY_A, KEY_B, Stack, finished, running_stack, wait_job
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -76,39 +32,15 @@ def stack(
     log_dir: Path,
 ) -> Iterator[Stack]:
     backend = request.param
-    env = {
-        **inferq_env,
-        "INFERQ_KEY_PREFIX": f"{inferq_env['INFERQ_KEY_PREFIX']}-jobs-{backend}",
-        "INFERQ_DATABASE_URL": database_urls(backend, "jobs"),
-        "INFERQ_API_KEYS": f"{KEY_A},{KEY_B}",
-        "INFERQ_WEBHOOK_ALLOW_LOOPBACK": "true",
-        "INFERQ_WEBHOOK_BACKOFF_S": "0.2",
-        "INFERQ_WEBHOOK_MAX_ATTEMPTS": "3",
-        "INFERQ_JOB_SWEEP_INTERVAL_S": "0.5",
-        "INFERQ_JOB_RESEND_AFTER_S": "5",
-    }
-    upgraded = subprocess.run(
-        [sys.executable, "-m", "app", "db", "upgrade"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert upgraded.returncode == 0, upgraded.stderr
-    assert "up to date" in upgraded.stdout
-    api, base = start_api(env, log_dir)
-    built = Stack(backend, env, base, log_dir, api)
-    try:
-        for model in ("minilm", "minilm-cosine-rerank", "smollm2"):
-            built.workers[model] = start_worker(env, log_dir, model)
+    with running_stack(
+        inferq_env,
+        f"jobs-{backend}",
+        database_urls(backend, "jobs"),
+        log_dir,
+        ("minilm", "minilm-cosine-rerank", "smollm2"),
+    ) as built:
+        built.backend = backend
         yield built
-    finally:
-        for proc in built.workers.values():
-            proc.stop()
-        built.api.stop()
-    # From the head back to an empty schema, with the tables gone.
-    assert "(empty)" in built.inferq("db", "downgrade", "base")
 
 
 def submit(stack: Stack, endpoint: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -119,24 +51,6 @@ def submit(stack: Stack, endpoint: str, body: dict[str, Any], **extra: Any) -> d
         )
     assert response.status_code == 202, response.text
     return response.json()
-
-
-def wait_job(
-    stack: Stack, job_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 90
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    with stack.http() as http:
-        while True:
-            job = http.get(f"/v1/jobs/{job_id}").json()
-            if until(job):
-                return job
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job did not get there in {timeout}s: {job}")
-            time.sleep(0.1)
-
-
-def finished(job: dict[str, Any]) -> bool:
-    return job["status"] in ("succeeded", "failed", "cancelled", "expired")
 
 
 def test_embedding_job_result_equals_the_sync_response(stack: Stack) -> None:

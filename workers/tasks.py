@@ -13,9 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from app.batcher import BULK, INTERACTIVE
-from app.celery_app import EMBEDDINGS_TASK, GENERATE_TASK, JOB_TASK, RERANK_TASK
+from app.celery_app import CORPUS_SHARD, EMBEDDINGS_TASK, GENERATE_TASK, JOB_TASK, RERANK_TASK
 from app.errors import EngineFailure, InferqError, InvalidRequest
 from app.generation import StreamCoalescer
+from app.jobs.corpus import read_shard, write_shard
 from app.protocol.chat import GenerationTask
 from app.protocol.embeddings import EmbeddingResult, EmbeddingTask
 from app.protocol.rerank import RerankResult, RerankTask
@@ -124,6 +125,30 @@ def generate(request_id: str, model: str, payload: dict[str, Any], deadline: flo
     serve(request_id, model, deadline, generate_work(request_id, payload))
 
 
+def corpus_shard_work(payload: dict[str, Any], deadline: float) -> Work:
+    """Embed one shard of a corpus file and write its vectors beside it, durably.
+
+    Running a shard twice (a redelivery) rewrites the same files; the job store
+    records it done once."""
+
+    def work(rt: WorkerRuntime) -> dict[str, Any]:
+        root = rt.settings.resolved_files_dir()
+        ids, texts = read_shard(root / payload["input"], payload["start"], payload["end"])
+        runner = rt.require_embeddings()
+        prepared = runner.prepare(texts, truncate=True)
+        vectors = runner.vectors(prepared, deadline, BULK)
+        write_shard(root / payload["dir"], int(payload["index"]), ids, vectors)
+        return {
+            "shard": payload["index"],
+            "count": len(ids),
+            "tokens": prepared.token_count,
+            "truncated": len(prepared.truncated),
+            "replica": rt.info.label,
+        }
+
+    return work
+
+
 def job_work(job_id: str, task: str, payload: dict[str, Any]) -> Work:
     deadline = time.time() + JOB_DEADLINE_S
     if task == EMBEDDINGS_TASK:
@@ -132,6 +157,8 @@ def job_work(job_id: str, task: str, payload: dict[str, Any]) -> Work:
         return rerank_work(payload, deadline, BULK)
     if task == GENERATE_TASK:
         return generate_work(job_id, {**payload, "stream": False})
+    if task == CORPUS_SHARD:
+        return corpus_shard_work(payload, deadline)
     raise InvalidRequest(f"unknown job task {task!r}")
 
 

@@ -10,7 +10,17 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Named constraints, so migrations can drop and alter them on every backend.
@@ -53,6 +63,8 @@ class Job(Base):
         Index("ix_jobs_owner_id", "owner", "id"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_webhook_status_webhook_next_at", "webhook_status", "webhook_next_at"),
+        Index("ix_jobs_parent_id_seq", "parent_id", "seq"),
+        UniqueConstraint("parent_id", "custom_id", name="uq_jobs_parent_id_custom_id"),
     )
 
     # Time-ordered ids (`job-<ms hex><random>`), so "newest first" and the list
@@ -87,3 +99,109 @@ class Job(Base):
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
     webhook_next_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     webhook_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Jobs a batch or corpus job is made of: the parent's id, the position in its input
+    # (line or shard number), and a batch line's custom_id (unique within its batch).
+    parent_id: Mapped[str | None] = mapped_column(String(48), nullable=True)
+    seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    custom_id: Mapped[str | None] = mapped_column(String(512), nullable=True)
+
+
+class FileRecord(Base):
+    """An uploaded or produced file; its bytes live under the files directory."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_owner_id", "owner", "id"),)
+
+    id: Mapped[str] = mapped_column(String(48), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), default="")
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(512))
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Relative to the files directory, so the directory can move or be mounted elsewhere.
+    path: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class BatchStatus(enum.StrEnum):
+    validating = "validating"
+    in_progress = "in_progress"
+    finalizing = "finalizing"
+    completed = "completed"
+    failed = "failed"
+    expired = "expired"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+
+
+class Batch(Base):
+    """An OpenAI-style batch: one input file of requests, run as one job per line."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index("ix_batches_owner_id", "owner", "id"),
+        Index("ix_batches_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(48), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), default="")
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(48))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(48), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(48), nullable=True)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    invalid: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class CorpusStatus(enum.StrEnum):
+    validating = "validating"
+    in_progress = "in_progress"
+    assembling = "assembling"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class CorpusJob(Base):
+    """Embedding a whole file: split into shards that run as jobs, then assembled."""
+
+    __tablename__ = "corpus_jobs"
+    __table_args__ = (
+        Index("ix_corpus_jobs_owner_id", "owner", "id"),
+        Index("ix_corpus_jobs_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(48), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), default="")
+    file_id: Mapped[str] = mapped_column(String(48))
+    model: Mapped[str] = mapped_column(String(255))
+    input_format: Mapped[str] = mapped_column(String(16))
+    text_field: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    id_field: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    output_format: Mapped[str] = mapped_column(String(16))
+    shard_size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    texts_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    shards_total: Mapped[int] = mapped_column(Integer, default=0)
+    output_file_id: Mapped[str | None] = mapped_column(String(48), nullable=True)
+    ids_file_id: Mapped[str | None] = mapped_column(String(48), nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,9 +31,25 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+_id_lock = threading.Lock()
+_last_us = 0
+
+
+def sortable_id(prefix: str) -> str:
+    """`<prefix>-` + microseconds (14 hex digits) + 48 random bits.
+
+    Ids sort by creation time, strictly within a process (two ids in the same
+    microsecond are made one apart), which is what list cursors rely on.
+    """
+    global _last_us
+    with _id_lock:
+        _last_us = max(time.time_ns() // 1000, _last_us + 1)
+        stamp = _last_us
+    return f"{prefix}-{stamp:014x}{os.urandom(6).hex()}"
+
+
 def new_job_id() -> str:
-    """`job-` + milliseconds (12 hex digits) + 64 random bits: sortable by creation time."""
-    return f"job-{int(time.time() * 1000):012x}{os.urandom(8).hex()}"
+    return sortable_id("job")
 
 
 def request_fingerprint(request: dict[str, Any]) -> str:

@@ -1,0 +1,594 @@
+"""Drives batches and corpus jobs from submitted to finished.
+
+One API process at a time (a Redis lease, as for the job sweeper) advances
+every open batch and corpus job each `INFERQ_BULK_POLL_INTERVAL_S`:
+
+- a batch: validate its input file line by line, write bad lines to the error
+  file and the rest as child jobs; then follow the children's counts; when
+  none is left running, write the output and error files in input order.
+- a corpus job: normalise its input into shards (one child job each); then
+  follow the shards; when all are done, assemble the output file.
+
+All state lives in the database and on disk, so a restarted API (or another
+one) continues where the last one stopped. Files are read and written
+streaming, and children are handled in pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
+from api.calls import CALLS
+from api.jobs import JobQueue
+from app.celery_app import CORPUS_SHARD
+from app.errors import InferqError
+from app.jobs.bulk_store import PAGE, BulkStore
+from app.jobs.corpus import assemble, normalise
+from app.jobs.files import FileStore, fsync_replace
+from app.jobs.models import (
+    ACTIVE,
+    Batch,
+    BatchStatus,
+    CorpusJob,
+    CorpusStatus,
+    Job,
+    JobStatus,
+)
+from app.jobs.store import new_job_id, request_fingerprint, utcnow
+from app.keys import KeySpace
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BULK_PRIORITY = 2  # below the default job priority: interactive first, jobs next, bulk last
+
+
+def corpus_dir(job_id: str) -> str:
+    return f"corpus/{job_id}"
+
+
+class BulkCoordinator:
+    def __init__(
+        self,
+        services: Any,
+        queue: JobQueue,
+        bulk: BulkStore,
+        files: FileStore,
+        redis_client: aioredis.Redis,
+        keys: KeySpace,
+        settings: Settings,
+    ) -> None:
+        self._services = services
+        self._queue = queue
+        self._bulk = bulk
+        self._files = files
+        self._redis = redis_client
+        self._keys = keys
+        self._settings = settings
+        self._me = os.urandom(8).hex()
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="bulk")
+
+    def nudge(self) -> None:
+        """Something new was submitted: do not wait for the next tick."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        interval = self._settings.bulk_poll_interval_s
+        while True:
+            try:
+                if await self._hold_lease(max(interval * 5, 30.0)):
+                    await self.advance()
+            except (RedisError, OSError, SQLAlchemyError) as exc:
+                log.warning("bulk step failed: %s", exc)
+            except Exception:
+                log.exception("bulk step failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+
+    async def _hold_lease(self, ttl: float) -> bool:
+        key = f"{self._keys.prefix}:bulk:coordinator"
+        ms = int(ttl * 1000)
+        if await self._redis.set(key, self._me, nx=True, px=ms):
+            return True
+        owner = await self._redis.get(key)
+        if owner is not None and owner.decode() == self._me:
+            await self._redis.pexpire(key, ms)
+            return True
+        return False
+
+    async def advance(self) -> None:
+        bulk = self._bulk
+        open_batches = await asyncio.to_thread(
+            bulk.in_status,
+            Batch,
+            [
+                BatchStatus.validating,
+                BatchStatus.in_progress,
+                BatchStatus.finalizing,
+                BatchStatus.cancelling,
+            ],
+        )
+        for batch in open_batches:
+            await self._advance_batch(batch)
+        open_corpus = await asyncio.to_thread(
+            bulk.in_status,
+            CorpusJob,
+            [CorpusStatus.validating, CorpusStatus.in_progress, CorpusStatus.assembling],
+        )
+        for job in open_corpus:
+            await self._advance_corpus(job)
+
+    async def _send_children(self, parent_id: str) -> None:
+        while page := await asyncio.to_thread(self._bulk.unsent_children, parent_id):
+            for child in page:
+                if not await self._queue.send(child):
+                    return  # broker away: the next tick tries again
+
+    # ---- batches ------------------------------------------------------------------
+
+    def _error_path(self, batch_id: str) -> Path:
+        path = self._files.root / "batches" / f"{batch_id}.errors.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    async def _advance_batch(self, batch: Batch) -> None:
+        now = utcnow()
+        if batch.status in (BatchStatus.validating, BatchStatus.in_progress) and (
+            batch.expires_at < now
+        ):
+            await self._stop_children(batch.id)
+            await asyncio.to_thread(
+                self._bulk.move,
+                Batch,
+                batch.id,
+                [batch.status],
+                BatchStatus.cancelling,
+                expired_at=now,
+            )
+            return
+        if batch.status == BatchStatus.validating:
+            await self._validate_batch(batch)
+        elif batch.status == BatchStatus.in_progress:
+            await self._send_children(batch.id)
+            counts = await asyncio.to_thread(self._bulk.child_counts, batch.id)
+            await self._record_counts(batch, counts)
+            if not any(counts.get(s, 0) for s in ACTIVE):
+                await asyncio.to_thread(
+                    self._bulk.move,
+                    Batch,
+                    batch.id,
+                    [BatchStatus.in_progress],
+                    BatchStatus.finalizing,
+                    finalizing_at=utcnow(),
+                )
+                await self._finish_batch(batch.id, BatchStatus.completed, "completed_at")
+        elif batch.status == BatchStatus.finalizing:
+            await self._finish_batch(batch.id, BatchStatus.completed, "completed_at")
+        elif batch.status == BatchStatus.cancelling:
+            await self._stop_children(batch.id)
+            counts = await asyncio.to_thread(self._bulk.child_counts, batch.id)
+            if counts.get(JobStatus.running, 0) == 0:
+                expired = batch.expired_at is not None
+                final = BatchStatus.expired if expired else BatchStatus.cancelled
+                await self._finish_batch(batch.id, final, None if expired else "cancelled_at")
+
+    async def _stop_children(self, parent_id: str) -> None:
+        running = await asyncio.to_thread(self._bulk.cancel_children, parent_id)
+        for job_id in running:
+            await self._queue.stop_running(job_id)
+
+    async def _record_counts(self, batch: Batch, counts: dict[str, int]) -> None:
+        completed = counts.get(JobStatus.succeeded, 0)
+        failed = counts.get(JobStatus.failed, 0) + counts.get(JobStatus.expired, 0)
+        await asyncio.to_thread(
+            self._bulk.set, Batch, batch.id, completed=completed, failed=failed + batch.invalid
+        )
+
+    async def _validate_batch(self, batch: Batch) -> None:
+        record = await asyncio.to_thread(self._files.get, batch.input_file_id)
+        if record is None:
+            await self._fail_batch(batch, "file_not_found", "the input file no longer exists")
+            return
+        path = self._files.path_of(record)
+        error_path = self._error_path(batch.id)
+        # Children are sent only once validation is over, so a validation cut off by a
+        # restart left unsent rows at most: start again from the first line.
+        await asyncio.to_thread(self._bulk.delete_children, batch.id)
+        total = invalid = 0
+        model: str | None = None
+        pending: list[Job] = []
+        created = batch.created_at
+        ttl = batch.expires_at
+
+        def bad(out: TextIO, custom_id: Any, code: str, message: str, line: int) -> None:
+            nonlocal invalid
+            invalid += 1
+            entry = {
+                "id": f"batch_req_{batch.id}_{line}",
+                "custom_id": custom_id if isinstance(custom_id, str) else None,
+                "response": None,
+                "error": {"code": code, "message": f"line {line}: {message}"},
+            }
+            out.write(json.dumps(entry) + "\n")
+
+        async def flush(out: TextIO) -> None:
+            refused = await asyncio.to_thread(self._bulk.add_children, list(pending))
+            for job in refused:
+                bad(
+                    out,
+                    job.custom_id,
+                    "duplicate_custom_id",
+                    f"custom_id {job.custom_id!r} is used by an earlier line",
+                    (job.seq or 0) + 1,
+                )
+            pending.clear()
+
+        with error_path.open("w", encoding="utf-8") as out:
+            with path.open(encoding="utf-8", errors="replace") as lines:
+                for number, raw in enumerate(lines, 1):
+                    if not raw.strip():
+                        continue
+                    total += 1
+                    if total > self._settings.batch_max_lines:
+                        await self._fail_batch(
+                            batch,
+                            "too_many_lines",
+                            f"the file has more than {self._settings.batch_max_lines} requests",
+                        )
+                        return
+                    try:
+                        line = json.loads(raw)
+                    except ValueError:
+                        bad(out, None, "invalid_json", "not valid JSON", number)
+                        continue
+                    if not isinstance(line, dict):
+                        bad(out, None, "invalid_request", "a line must be a JSON object", number)
+                        continue
+                    custom_id = line.get("custom_id")
+                    if not isinstance(custom_id, str) or not custom_id:
+                        bad(
+                            out,
+                            custom_id,
+                            "missing_custom_id",
+                            "custom_id must be a string",
+                            number,
+                        )
+                        continue
+                    if line.get("method", "POST") != "POST":
+                        bad(out, custom_id, "invalid_method", "method must be POST", number)
+                        continue
+                    url = line.get("url")
+                    if url not in CALLS:
+                        bad(out, custom_id, "invalid_url", f"url {url!r} is not supported", number)
+                        continue
+                    if url != batch.endpoint:
+                        bad(
+                            out,
+                            custom_id,
+                            "mismatched_url",
+                            f"url {url!r} is not this batch's endpoint {batch.endpoint!r}",
+                            number,
+                        )
+                        continue
+                    call = CALLS[url]
+                    try:
+                        body = call.parse(line.get("body"))
+                        if getattr(body, "stream", False):
+                            raise InferqError("a batch request cannot stream", code="invalid_body")
+                        if model is not None and body.model != model:
+                            bad(
+                                out,
+                                custom_id,
+                                "model_mismatch",
+                                f"model {body.model!r} differs from the batch's {model!r}",
+                                number,
+                            )
+                            continue
+                        prepared = await call.prepare(body, self._services)
+                    except InferqError as exc:
+                        bad(out, custom_id, exc.code or "invalid_body", exc.message, number)
+                        continue
+                    model = prepared.spec.name
+                    pending.append(
+                        Job(
+                            id=new_job_id(),
+                            owner=batch.owner,
+                            endpoint=url,
+                            model=prepared.spec.name,
+                            task=prepared.task,
+                            status=JobStatus.queued,
+                            priority=BULK_PRIORITY,
+                            request=line["body"],
+                            request_hash=request_fingerprint(line["body"]),
+                            payload=prepared.payload,
+                            attempts=0,
+                            created_at=created,
+                            expires_at=ttl,
+                            webhook_attempts=0,
+                            parent_id=batch.id,
+                            seq=number - 1,
+                            custom_id=custom_id,
+                        )
+                    )
+                    if len(pending) >= PAGE:
+                        await flush(out)
+            if pending:
+                await flush(out)
+        await asyncio.to_thread(
+            self._bulk.move,
+            Batch,
+            batch.id,
+            [BatchStatus.validating],
+            BatchStatus.in_progress,
+            total=total,
+            invalid=invalid,
+            failed=invalid,
+            model=model,
+            in_progress_at=utcnow(),
+        )
+        await self._send_children(batch.id)
+
+    async def _fail_batch(self, batch: Batch, code: str, message: str) -> None:
+        await asyncio.to_thread(
+            self._bulk.move,
+            Batch,
+            batch.id,
+            [batch.status],
+            BatchStatus.failed,
+            failed_at=utcnow(),
+            errors=[{"code": code, "message": message, "line": None, "param": None}],
+        )
+
+    async def _finish_batch(self, batch_id: str, final: str, stamp: str | None) -> None:
+        batch = await asyncio.to_thread(self._bulk.get, Batch, batch_id)
+        if batch is None:
+            return
+        output_id, error_id, completed, failed = await asyncio.to_thread(
+            self._write_batch_files, batch
+        )
+        values: dict[str, Any] = {
+            "output_file_id": output_id,
+            "error_file_id": error_id,
+            "completed": completed,
+            "failed": failed,
+        }
+        if stamp:
+            values[stamp] = utcnow()
+        await asyncio.to_thread(
+            self._bulk.move,
+            Batch,
+            batch.id,
+            [BatchStatus.finalizing, BatchStatus.cancelling, BatchStatus.in_progress],
+            final,
+            **values,
+        )
+
+    def _write_batch_files(self, batch: Batch) -> tuple[str | None, str | None, int, int]:
+        """Output and error files in input order; (ids, completed, failed)."""
+        root = self._files.root / "batches"
+        out_tmp = root / f"{batch.id}.output.jsonl"
+        error_path = self._error_path(batch.id)
+        completed = 0
+        failed = batch.invalid
+        created = int(batch.created_at.timestamp())
+        with (
+            out_tmp.open("w", encoding="utf-8") as out,
+            error_path.open("a", encoding="utf-8") as errors,
+        ):
+            for job in self._bulk.iter_children(
+                batch.id, [JobStatus.succeeded, JobStatus.failed, JobStatus.expired]
+            ):
+                entry: dict[str, Any] = {"id": f"batch_req_{job.id}", "custom_id": job.custom_id}
+                if job.status == JobStatus.succeeded and job.result is not None:
+                    call = CALLS[job.endpoint]
+                    body = call.render(
+                        call.parse(job.request), job.model, job.result, job.id, created
+                    )
+                    entry["response"] = {"status_code": 200, "request_id": job.id, "body": body}
+                    entry["error"] = None
+                    out.write(json.dumps(entry) + "\n")
+                    completed += 1
+                else:
+                    error = job.error or {}
+                    entry["response"] = {
+                        "status_code": int(error.get("status") or 500),
+                        "request_id": job.id,
+                        "body": {
+                            "error": {k: error.get(k) for k in ("message", "type", "param", "code")}
+                        },
+                    }
+                    entry["error"] = None
+                    errors.write(json.dumps(entry) + "\n")
+                    failed += 1
+        output_id = error_id = None
+        if completed:
+            fsync_replace(out_tmp, out_tmp)
+            output_id = self._files.adopt(
+                batch.owner, "batch_output", f"{batch.id}_output.jsonl", out_tmp
+            ).id
+        else:
+            out_tmp.unlink(missing_ok=True)
+        if failed:
+            error_id = self._files.adopt(
+                batch.owner, "batch_output", f"{batch.id}_errors.jsonl", error_path
+            ).id
+        else:
+            error_path.unlink(missing_ok=True)
+        return output_id, error_id, completed, failed
+
+    # ---- corpus jobs --------------------------------------------------------------
+
+    async def _advance_corpus(self, job: CorpusJob) -> None:
+        if job.status == CorpusStatus.validating:
+            await self._split_corpus(job)
+        elif job.status == CorpusStatus.in_progress:
+            await self._send_children(job.id)
+            counts = await asyncio.to_thread(self._bulk.child_counts, job.id)
+            if counts.get(JobStatus.failed, 0) or counts.get(JobStatus.expired, 0):
+                await self._stop_children(job.id)
+                await asyncio.to_thread(
+                    self._bulk.move,
+                    CorpusJob,
+                    job.id,
+                    [CorpusStatus.in_progress],
+                    CorpusStatus.failed,
+                    finished_at=utcnow(),
+                    error={"code": "shard_failed", "message": "a shard failed; see its job"},
+                )
+            elif counts.get(JobStatus.succeeded, 0) == job.shards_total:
+                await asyncio.to_thread(
+                    self._bulk.move,
+                    CorpusJob,
+                    job.id,
+                    [CorpusStatus.in_progress],
+                    CorpusStatus.assembling,
+                )
+                await self._assemble(job.id)
+        elif job.status == CorpusStatus.assembling:
+            await self._assemble(job.id)
+
+    async def _split_corpus(self, job: CorpusJob) -> None:
+        record = await asyncio.to_thread(self._files.get, job.file_id)
+        if record is None:
+            await self._fail_corpus(job, "file_not_found", "the input file no longer exists")
+            return
+        directory = self._files.root / corpus_dir(job.id)
+        directory.mkdir(parents=True, exist_ok=True)
+        normalised = directory / "input.jsonl"
+        await asyncio.to_thread(self._bulk.delete_children, job.id)  # as for batches
+        try:
+            shards, texts = await asyncio.to_thread(
+                self._write_shard_jobs, job, self._files.path_of(record), normalised
+            )
+        except InferqError as exc:
+            await self._fail_corpus(job, exc.code or "invalid_file", exc.message)
+            return
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            await self._fail_corpus(job, "invalid_file", f"the file could not be read: {exc}")
+            return
+        await asyncio.to_thread(
+            self._bulk.move,
+            CorpusJob,
+            job.id,
+            [CorpusStatus.validating],
+            CorpusStatus.in_progress,
+            shards_total=shards,
+            texts_total=texts,
+            started_at=utcnow(),
+        )
+        await self._send_children(job.id)
+
+    def _write_shard_jobs(self, job: CorpusJob, source: Path, target: Path) -> tuple[int, int]:
+        """Normalise the input and add one child job per shard; (shards, texts)."""
+        rel_input = f"{corpus_dir(job.id)}/input.jsonl"
+        expires = job.created_at + timedelta(seconds=self._settings.job_queue_ttl_s)
+        page: list[Job] = []
+        shards = texts = 0
+        for shard in normalise(
+            source, job.input_format, target, job.shard_size, job.text_field, job.id_field
+        ):
+            shards, texts = shard.index + 1, shard.first + shard.count
+            payload = {
+                "input": rel_input,
+                "start": shard.start,
+                "end": shard.end,
+                "index": shard.index,
+                "dir": corpus_dir(job.id),
+            }
+            page.append(
+                Job(
+                    id=new_job_id(),
+                    owner=job.owner,
+                    endpoint="corpus",
+                    model=job.model,
+                    task=CORPUS_SHARD,
+                    status=JobStatus.queued,
+                    priority=BULK_PRIORITY,
+                    request={"shard": shard.index, "count": shard.count},
+                    request_hash=request_fingerprint(payload),
+                    payload=payload,
+                    attempts=0,
+                    created_at=job.created_at,
+                    expires_at=expires,
+                    webhook_attempts=0,
+                    parent_id=job.id,
+                    seq=shard.index,
+                )
+            )
+            if len(page) >= PAGE:
+                self._bulk.add_children(page)
+                page = []
+        if page:
+            self._bulk.add_children(page)
+        return shards, texts
+
+    async def _fail_corpus(self, job: CorpusJob, code: str, message: str) -> None:
+        await asyncio.to_thread(
+            self._bulk.move,
+            CorpusJob,
+            job.id,
+            [job.status],
+            CorpusStatus.failed,
+            finished_at=utcnow(),
+            error={"code": code, "message": message},
+        )
+
+    async def _assemble(self, job_id: str) -> None:
+        job = await asyncio.to_thread(self._bulk.get, CorpusJob, job_id)
+        if job is None or job.status != CorpusStatus.assembling:
+            return
+        directory = self._files.root / corpus_dir(job.id)
+        out = directory / f"embeddings.{job.output_format}"
+        ids_path = await asyncio.to_thread(
+            assemble, directory, job.shards_total, job.texts_total, job.output_format, out
+        )
+        name = f"{job.id}.{job.output_format}"
+        output = await asyncio.to_thread(self._files.adopt, job.owner, "corpus_output", name, out)
+        ids_id = None
+        if ids_path is not None:
+            ids_file = await asyncio.to_thread(
+                self._files.adopt, job.owner, "corpus_output", f"{job.id}.ids.jsonl", ids_path
+            )
+            ids_id = ids_file.id
+        await asyncio.to_thread(
+            self._bulk.move,
+            CorpusJob,
+            job.id,
+            [CorpusStatus.assembling],
+            CorpusStatus.completed,
+            output_file_id=output.id,
+            ids_file_id=ids_id,
+            finished_at=utcnow(),
+        )
+        await asyncio.to_thread(_remove_shards, directory)
+
+
+def _remove_shards(directory: Path) -> None:
+    for path in directory.glob("shard-*"):
+        path.unlink(missing_ok=True)
+
+
+ProgressFn = Callable[[CorpusJob], dict[str, Any]]

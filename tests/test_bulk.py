@@ -1,0 +1,338 @@
+"""Files, OpenAI batches and corpus embedding jobs end to end, on real processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+
+from tests.procs import ROOT, Proc, alive_replica_count, start_worker
+from tests.stack import KEY_A, KEY_B, Stack, running_stack
+
+UPLOAD_LIMIT = 4 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def stack(
+    inferq_env: dict[str, str],
+    database_urls: Callable[[str, str], str],
+    log_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    files = tmp_path_factory.mktemp("files")
+    with running_stack(
+        inferq_env,
+        "bulk",
+        database_urls("sqlite", "bulk"),
+        log_dir,
+        ("minilm", "smollm2"),
+        {"INFERQ_FILES_DIR": str(files), "INFERQ_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)},
+    ) as built:
+        yield built
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base}/v1", api_key=KEY_A, max_retries=0, timeout=60)
+
+
+def _jsonl(rows: list[Any]) -> bytes:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
+
+
+def _wait_batch(client: openai.OpenAI, batch_id: str, timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "cancelled", "expired"):
+            return batch
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.3)
+
+
+def _lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    text = client.files.content(file_id).text
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_files_api_round_trip_and_limits(client: openai.OpenAI, stack: Stack) -> None:
+    payload = b"hello\nworld\n"
+    created = client.files.create(file=("texts.txt", io.BytesIO(payload)), purpose="batch")
+    assert created.object == "file" and created.bytes == len(payload)
+    assert created.filename == "texts.txt" and created.purpose == "batch"
+    assert client.files.retrieve(created.id).id == created.id
+    assert created.id in {f.id for f in client.files.list()}
+    assert client.files.content(created.id).content == payload
+    other = openai.OpenAI(base_url=f"{stack.base}/v1", api_key=KEY_B, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.files.retrieve(created.id)
+    assert client.files.delete(created.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(created.id)
+    with pytest.raises(openai.APIStatusError) as too_big:
+        client.files.create(
+            file=("big.jsonl", io.BytesIO(b"x" * (UPLOAD_LIMIT + 1024))), purpose="batch"
+        )
+    assert too_big.value.status_code == 413
+    with pytest.raises(openai.BadRequestError):
+        client.files.create(file=("a.txt", io.BytesIO(b"a")), purpose="fine-tune")
+
+
+def test_openai_batch_runs_good_lines_and_reports_bad_ones(client: openai.OpenAI) -> None:
+    good = [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "minilm", "input": [f"batch text {i}", f"and another {i}"]},
+        }
+        for i in range(12)
+    ]
+    bad = [
+        "{this is not json",
+        {**good[0], "body": {"model": "minilm", "input": "dup"}},  # duplicate custom_id
+        {**good[1], "custom_id": "wrong-url", "url": "/v1/images/generations"},
+        {**good[2], "custom_id": "other-model", "body": {"model": "smollm2", "input": "x"}},
+        {**good[3], "custom_id": "no-input", "body": {"model": "minilm"}},
+    ]
+    rows: list[Any] = [*good[:6], *bad, *good[6:]]
+    uploaded = client.files.create(file=("batch.jsonl", io.BytesIO(_jsonl(rows))), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/embeddings",
+        completion_window="24h",
+        metadata={"suite": "bulk"},
+    )
+    assert batch.status == "validating"
+    done = _wait_batch(client, batch.id)
+    assert done.status == "completed", done
+    assert done.request_counts.total == len(rows)
+    assert done.request_counts.completed == len(good)
+    assert done.request_counts.failed == len(bad)
+    assert done.metadata == {"suite": "bulk"}
+    assert done.completed_at and done.in_progress_at and done.finalizing_at
+
+    output = _lines(client, done.output_file_id)
+    assert [line["custom_id"] for line in output] == [g["custom_id"] for g in good]
+    for line, request in zip(output, good, strict=True):
+        assert line["error"] is None and line["response"]["status_code"] == 200
+        sync = client.embeddings.create(**request["body"])
+        got = [d["embedding"] for d in line["response"]["body"]["data"]]
+        np.testing.assert_allclose(got, [d.embedding for d in sync.data], atol=1e-5)
+        assert line["response"]["body"]["usage"]["prompt_tokens"] == sync.usage.prompt_tokens
+
+    errors = _lines(client, done.error_file_id)
+    assert len(errors) == len(bad)
+    codes = sorted(e["error"]["code"] for e in errors)
+    assert codes == sorted(
+        ["invalid_json", "duplicate_custom_id", "invalid_url", "model_mismatch", "invalid_body"]
+    )
+    assert {e["custom_id"] for e in errors} >= {"wrong-url", "other-model", "no-input"}
+
+
+def test_chat_batch_bodies_equal_the_sync_responses(client: openai.OpenAI) -> None:
+    bodies = [
+        {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 10,
+            "temperature": 0,
+        }
+        for question in ("Name a fruit.", "Name a planet.")
+    ]
+    rows = [
+        {"custom_id": f"chat-{i}", "method": "POST", "url": "/v1/chat/completions", "body": b}
+        for i, b in enumerate(bodies)
+    ]
+    uploaded = client.files.create(file=("chat.jsonl", io.BytesIO(_jsonl(rows))), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = _wait_batch(client, batch.id)
+    assert done.status == "completed" and done.error_file_id is None
+    for line, body in zip(_lines(client, done.output_file_id), bodies, strict=True):
+        sync = client.chat.completions.create(**body)
+        got = line["response"]["body"]
+        assert got["choices"][0]["message"]["content"] == sync.choices[0].message.content
+        assert got["usage"]["completion_tokens"] == sync.usage.completion_tokens
+
+
+def test_cancelling_a_batch_keeps_partial_output_and_consistent_counts(
+    client: openai.OpenAI,
+) -> None:
+    rows = [
+        {
+            "custom_id": f"slow-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "smollm2",
+                "messages": [{"role": "user", "content": f"Tell a long story number {i}."}],
+                "max_tokens": 60,
+                "temperature": 0,
+            },
+        }
+        for i in range(30)
+    ]
+    uploaded = client.files.create(file=("slow.jsonl", io.BytesIO(_jsonl(rows))), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 120
+    while client.batches.retrieve(batch.id).request_counts.completed < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    done = _wait_batch(client, batch.id)
+    assert done.status == "cancelled" and done.cancelled_at
+    output = _lines(client, done.output_file_id)
+    errors = _lines(client, done.error_file_id)
+    counts = done.request_counts
+    assert counts.total == len(rows)
+    assert counts.completed == len(output) >= 2
+    assert counts.failed == len(errors)
+    assert counts.completed + counts.failed < counts.total
+    assert len({line["custom_id"] for line in output}) == len(output)
+
+
+def _corpus(path: Path, count: int) -> list[str]:
+    texts = [f"corpus line {i}: " + " ".join(["word"] * (i % 17 + 1)) for i in range(count)]
+    with path.open("w") as handle:
+        for i, text in enumerate(texts):
+            handle.write(json.dumps({"doc": f"d{i:05d}", "body": text}) + "\n")
+    return texts
+
+
+def _embed(stack: Stack, args: list[str]) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "app", "embed", *args, "--api", stack.base, "--api-key", KEY_A]
+    return subprocess.Popen(
+        argv, env=stack.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _read_jsonl_vectors(path: Path) -> tuple[list[str], np.ndarray]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r["id"] for r in rows], np.array([r["embedding"] for r in rows])
+
+
+def test_inferq_embed_writes_one_vector_per_input_in_order(
+    stack: Stack, tmp_path: Path, reference_model: Any
+) -> None:
+    source = tmp_path / "corpus.jsonl"
+    texts = _corpus(source, 2500)
+    out = tmp_path / "vectors.jsonl"
+    proc = _embed(
+        stack,
+        [
+            str(source),
+            "--model",
+            "minilm",
+            "--out",
+            str(out),
+            "--text-field",
+            "body",
+            "--id-field",
+            "doc",
+            "--shard-size",
+            "300",
+        ],
+    )
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    assert "2,500/2,500" in log and "texts/s" in log
+    ids, vectors = _read_jsonl_vectors(out)
+    assert ids == [f"d{i:05d}" for i in range(len(texts))]
+    sample = list(range(0, len(texts), 25))
+    expected = reference_model.encode([texts[i] for i in sample], normalize_embeddings=True)
+    np.testing.assert_allclose(vectors[sample], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet"])
+def test_embed_reads_text_and_csv_and_writes_npy_and_parquet(
+    stack: Stack, tmp_path: Path, reference_model: Any, fmt: str
+) -> None:
+    texts = [f"short text {i} " + "x" * (i % 9) for i in range(240)]
+    if fmt == "npy":
+        source = tmp_path / "plain.txt"
+        source.write_text("\n".join(texts) + "\n")
+        extra: list[str] = []
+    else:
+        source = tmp_path / "table.csv"
+        source.write_text("key,text\n" + "".join(f"k{i},{t}\n" for i, t in enumerate(texts)))
+        extra = ["--id-field", "key"]
+    out = tmp_path / f"out.{fmt}"
+    proc = _embed(stack, [str(source), "--model", "minilm", "--out", str(out), *extra])
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    expected = reference_model.encode(texts, normalize_embeddings=True)
+    if fmt == "npy":
+        vectors = np.load(out)
+        ids = [json.loads(line) for line in (tmp_path / "out.npy.ids.jsonl").read_text().split()]
+        assert ids == [str(i) for i in range(len(texts))]
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out)
+        assert table.column("id").to_pylist() == [f"k{i}" for i in range(len(texts))]
+        vectors = np.array(table.column("embedding").to_pylist())
+    np.testing.assert_allclose(vectors, expected, atol=1e-4)
+
+
+def test_corpus_job_survives_sigkill_of_a_worker(
+    stack: Stack, tmp_path: Path, log_dir: Path
+) -> None:
+    source = tmp_path / "victim.jsonl"
+    texts = _corpus(source, 2400)
+    out = tmp_path / "victim.jsonl.out"
+    first = start_worker(stack.env, log_dir, "minilm-victim")
+    second: Proc | None = None
+    proc = _embed(
+        stack,
+        [
+            str(source),
+            "--model",
+            "minilm-victim",
+            "--out",
+            str(out),
+            "--format",
+            "jsonl",
+            "--text-field",
+            "body",
+            "--id-field",
+            "doc",
+            "--shard-size",
+            "200",
+        ],
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while stack.worker_stats(first, "minilm-victim").get("jobs_succeeded", 0) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, first.tail()
+            time.sleep(0.2)
+        first.kill()
+        while alive_replica_count(stack.env, "minilm-victim"):
+            time.sleep(0.2)
+        second = start_worker(stack.env, log_dir, "minilm-victim", replica=1)
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        first.kill()
+        if second:
+            second.stop()
+    ids, vectors = _read_jsonl_vectors(out)
+    assert ids == [f"d{i:05d}" for i in range(len(texts))]  # no gap, no duplicate
+    assert vectors.shape == (len(texts), 384)
