@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.calls import CALLS
 from api.jobs import JobQueue
+from api.pages import RedisLease
 from app.celery_app import CORPUS_SHARD
 from app.errors import InferqError
 from app.jobs.bulk_store import PAGE, BulkStore
@@ -77,7 +77,7 @@ class BulkCoordinator:
         self._redis = redis_client
         self._keys = keys
         self._settings = settings
-        self._me = os.urandom(8).hex()
+        self._lease = RedisLease(redis_client, f"{keys.prefix}:bulk:coordinator")
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -98,7 +98,7 @@ class BulkCoordinator:
         interval = self._settings.bulk_poll_interval_s
         while True:
             try:
-                if await self._hold_lease(max(interval * 5, 30.0)):
+                if await self._lease.hold(max(interval * 5, 30.0)):
                     await self.advance()
             except (RedisError, OSError, SQLAlchemyError) as exc:
                 log.warning("bulk step failed: %s", exc)
@@ -107,17 +107,6 @@ class BulkCoordinator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
-
-    async def _hold_lease(self, ttl: float) -> bool:
-        key = f"{self._keys.prefix}:bulk:coordinator"
-        ms = int(ttl * 1000)
-        if await self._redis.set(key, self._me, nx=True, px=ms):
-            return True
-        owner = await self._redis.get(key)
-        if owner is not None and owner.decode() == self._me:
-            await self._redis.pexpire(key, ms)
-            return True
-        return False
 
     async def advance(self) -> None:
         bulk = self._bulk

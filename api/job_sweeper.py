@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from typing import Any
 
 import httpx
@@ -21,6 +20,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.jobs import JobQueue
+from api.pages import RedisLease
 from api.webhooks import deliver
 from app.keys import KeySpace
 from app.settings import Settings
@@ -41,7 +41,7 @@ class JobSweeper:
         self._redis = redis_client
         self._keys = keys
         self._settings = settings
-        self._me = os.urandom(8).hex()
+        self._lease = RedisLease(redis_client, f"{keys.prefix}:jobs:sweeper")
         self._task: asyncio.Task[None] | None = None
         self._http: httpx.AsyncClient | None = None
 
@@ -61,24 +61,13 @@ class JobSweeper:
         interval = self._settings.job_sweep_interval_s
         while True:
             try:
-                if await self._hold_lease(interval * 3):
+                if await self._lease.hold(interval * 3):
                     await self.sweep()
             except (RedisError, OSError, SQLAlchemyError) as exc:
                 log.warning("job sweep failed: %s", exc)
             except Exception:
                 log.exception("job sweep failed")
             await asyncio.sleep(interval)
-
-    async def _hold_lease(self, ttl: float) -> bool:
-        key = f"{self._keys.prefix}:jobs:sweeper"
-        ms = int(ttl * 1000)
-        if await self._redis.set(key, self._me, nx=True, px=ms):
-            return True
-        owner = await self._redis.get(key)
-        if owner is not None and owner.decode() == self._me:
-            await self._redis.pexpire(key, ms)
-            return True
-        return False
 
     async def sweep(self) -> None:
         settings, store = self._settings, self._store

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from api.auth import CallerDep
 from api.calls import CALLS
 from api.deps import ServicesDep
+from api.pages import list_page
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.jobs.models import Batch, BatchStatus
 from app.jobs.store import sortable_id, utcnow
@@ -127,15 +128,7 @@ async def list_batches(
     bulk = services.require_bulk()
     rows, more = await asyncio.to_thread(bulk.store.list, Batch, owner, limit, after)
     data = [batch_object(b) for b in rows]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": more,
-        }
-    )
+    return list_page(data, more)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")

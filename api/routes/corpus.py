@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import CallerDep
 from api.deps import ServicesDep
+from api.pages import list_page
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.jobs.corpus import input_format_of
 from app.jobs.models import CorpusJob, CorpusStatus, JobStatus
@@ -145,15 +146,7 @@ async def list_corpus_jobs(
     bulk = services.require_bulk()
     rows, more = await asyncio.to_thread(bulk.store.list, CorpusJob, owner, limit, after)
     data = [await corpus_object(services, j) for j in rows]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": more,
-        }
-    )
+    return list_page(data, more)
 
 
 @router.post("/v1/corpus-jobs/{job_id}/cancel")

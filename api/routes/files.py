@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from api.auth import CallerDep
 from api.deps import ServicesDep
+from api.pages import list_page
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.jobs.models import FileRecord
 
@@ -87,15 +88,7 @@ async def list_files(
     bulk = services.require_bulk()
     rows, more = await asyncio.to_thread(bulk.files.list, owner, purpose, limit, after)
     data = [file_object(r) for r in rows]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": more,
-        }
-    )
+    return list_page(data, more)
 
 
 async def _owned(services: Any, file_id: str, owner: str) -> FileRecord:

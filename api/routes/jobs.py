@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api.auth import CallerDep
 from api.calls import CALLS
 from api.deps import ServicesDep
+from api.pages import list_page
 from api.webhooks import check_webhook_url
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.jobs.models import JobStatus
@@ -118,15 +119,7 @@ async def list_jobs(
         jobs.store.list, owner, status=status, model=model, limit=limit, after=after
     )
     data = [jobs.view(job) for job in page]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": more,
-        }
-    )
+    return list_page(data, more)
 
 
 @router.post("/v1/jobs/{job_id}/cancel")
