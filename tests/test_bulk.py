@@ -11,11 +11,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import openai
 import pytest
 
-from tests.procs import ROOT, Proc, alive_replica_count, start_worker
+from tests.procs import ROOT, Proc, alive_replica_count, start_api, start_worker
 from tests.stack import KEY_A, KEY_B, Stack, running_stack
 
 UPLOAD_LIMIT = 4 * 1024 * 1024
@@ -336,3 +337,56 @@ def test_corpus_job_survives_sigkill_of_a_worker(
     ids, vectors = _read_jsonl_vectors(out)
     assert ids == [f"d{i:05d}" for i in range(len(texts))]  # no gap, no duplicate
     assert vectors.shape == (len(texts), 384)
+
+
+def test_corpus_job_resumes_after_the_api_and_every_worker_restart(
+    stack: Stack, tmp_path: Path, log_dir: Path
+) -> None:
+    source = tmp_path / "resume.jsonl"
+    texts = _corpus(source, 2000)
+    first = start_worker(stack.env, log_dir, "minilm-victim")
+    headers = {"Authorization": f"Bearer {KEY_A}"}
+    with httpx.Client(base_url=stack.base, headers=headers, timeout=60) as http:
+        with source.open("rb") as handle:
+            file_id = http.post(
+                "/v1/files", data={"purpose": "corpus"}, files={"file": ("r.jsonl", handle)}
+            ).json()["id"]
+        job = http.post(
+            "/v1/corpus-jobs",
+            json={
+                "file_id": file_id,
+                "model": "minilm-victim",
+                "text_field": "body",
+                "id_field": "doc",
+                "shard_size": 200,
+            },
+        ).json()
+        deadline = time.monotonic() + 120
+        while http.get(f"/v1/corpus-jobs/{job['id']}").json()["progress"]["shards_done"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    # Everything stops at once: the API and the only worker.
+    first.kill()
+    stack.api.kill()
+    while alive_replica_count(stack.env, "minilm-victim"):
+        time.sleep(0.2)
+    stack.api, stack.base = start_api(stack.env, log_dir)
+    second = start_worker(stack.env, log_dir, "minilm-victim", replica=1)
+    try:
+        with httpx.Client(base_url=stack.base, headers=headers, timeout=60) as http:
+            deadline = time.monotonic() + 240
+            while (state := http.get(f"/v1/corpus-jobs/{job['id']}").json())["status"] not in (
+                "completed",
+                "failed",
+                "cancelled",
+            ):
+                assert time.monotonic() < deadline, state
+                time.sleep(0.3)
+            assert state["status"] == "completed", state
+            content = http.get(f"/v1/files/{state['output_file_id']}/content").text
+        rows = [json.loads(line) for line in content.splitlines()]
+        assert [r["id"] for r in rows] == [f"d{i:05d}" for i in range(len(texts))]
+        redone = int(stack.worker_stats(second, "minilm-victim").get("jobs_succeeded", 0))
+        assert redone <= state["progress"]["shards_total"] - 3  # finished shards not redone
+    finally:
+        second.stop()
