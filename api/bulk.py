@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,12 +31,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.calls import CALLS
 from api.jobs import JobQueue
-from api.pages import RedisLease
+from api.lease import RedisLease
 from app.celery_app import CORPUS_SHARD
 from app.errors import InferqError
 from app.jobs.bulk_store import PAGE, BulkStore
 from app.jobs.corpus import assemble, normalise
-from app.jobs.files import FileStore, fsync_replace
+from app.jobs.files import FileStore
 from app.jobs.models import (
     ACTIVE,
     Batch,
@@ -46,7 +46,7 @@ from app.jobs.models import (
     Job,
     JobStatus,
 )
-from app.jobs.store import new_job_id, request_fingerprint, utcnow
+from app.jobs.store import epoch_s, new_job_id, request_fingerprint, utcnow
 from app.keys import KeySpace
 from app.settings import Settings
 
@@ -138,8 +138,9 @@ class BulkCoordinator:
 
     # ---- batches ------------------------------------------------------------------
 
-    def _error_path(self, batch_id: str) -> Path:
-        path = self._files.root / "batches" / f"{batch_id}.errors.jsonl"
+    def _batch_path(self, batch_id: str, kind: str) -> Path:
+        """Working files of a batch: `invalid` (validation), `output` and `errors`."""
+        path = self._files.root / "batches" / f"{batch_id}.{kind}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -202,7 +203,7 @@ class BulkCoordinator:
             await self._fail_batch(batch, "file_not_found", "the input file no longer exists")
             return
         path = self._files.path_of(record)
-        error_path = self._error_path(batch.id)
+        invalid_path = self._batch_path(batch.id, "invalid")
         # Children are sent only once validation is over, so a validation cut off by a
         # restart left unsent rows at most: start again from the first line.
         await asyncio.to_thread(self._bulk.delete_children, batch.id)
@@ -235,7 +236,7 @@ class BulkCoordinator:
                 )
             pending.clear()
 
-        with error_path.open("w", encoding="utf-8") as out:
+        with invalid_path.open("w", encoding="utf-8") as out:
             with path.open(encoding="utf-8", errors="replace") as lines:
                 for number, raw in enumerate(lines, 1):
                     if not raw.strip():
@@ -374,19 +375,28 @@ class BulkCoordinator:
             final,
             **values,
         )
+        # Only now: a finalisation done again before this point still needs it.
+        self._batch_path(batch.id, "invalid").unlink(missing_ok=True)
 
     def _write_batch_files(self, batch: Batch) -> tuple[str | None, str | None, int, int]:
-        """Output and error files in input order; (ids, completed, failed)."""
-        root = self._files.root / "batches"
-        out_tmp = root / f"{batch.id}.output.jsonl"
-        error_path = self._error_path(batch.id)
+        """Output and error files in input order; (ids, completed, failed).
+
+        Both are written afresh from the validation errors and the children, so
+        a finalisation cut off by a restart is simply done again.
+        """
+        out_tmp = self._batch_path(batch.id, "output")
+        error_path = self._batch_path(batch.id, "errors")
+        invalid_path = self._batch_path(batch.id, "invalid")
         completed = 0
         failed = batch.invalid
-        created = int(batch.created_at.timestamp())
+        created = epoch_s(batch.created_at) or 0
         with (
             out_tmp.open("w", encoding="utf-8") as out,
-            error_path.open("a", encoding="utf-8") as errors,
+            error_path.open("w", encoding="utf-8") as errors,
         ):
+            if invalid_path.is_file():
+                with invalid_path.open(encoding="utf-8") as invalid:
+                    shutil.copyfileobj(invalid, errors)
             for job in self._bulk.iter_children(
                 batch.id, [JobStatus.succeeded, JobStatus.failed, JobStatus.expired]
             ):
@@ -414,7 +424,6 @@ class BulkCoordinator:
                     failed += 1
         output_id = error_id = None
         if completed:
-            fsync_replace(out_tmp, out_tmp)
             output_id = self._files.adopt(
                 batch.owner, "batch_output", f"{batch.id}_output.jsonl", out_tmp
             ).id
@@ -578,6 +587,3 @@ class BulkCoordinator:
 def _remove_shards(directory: Path) -> None:
     for path in directory.glob("shard-*"):
         path.unlink(missing_ok=True)
-
-
-ProgressFn = Callable[[CorpusJob], dict[str, Any]]

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.jobs import JobQueue
-from api.pages import RedisLease
+from api.lease import RedisLease
 from api.webhooks import deliver
 from app.keys import KeySpace
 from app.settings import Settings

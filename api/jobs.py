@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -21,8 +21,9 @@ from redis.exceptions import RedisError
 from api.calls import CALLS
 from app.celery_app import JOB_TASK
 from app.jobs.models import Job, JobStatus
-from app.jobs.store import JobStore
+from app.jobs.store import JobStore, epoch_s
 from app.keys import KeySpace
+from app.registry import bulk_queue
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ KOMBU_PRIORITY_SEP = "\x06\x16"
 def kombu_priority(job_priority: int) -> int:
     """Job priority 0-9 with 9 most urgent; kombu's Redis priority has 0 most urgent."""
     return 9 - job_priority
-
-
-def _epoch(moment: datetime | None) -> int | None:
-    return None if moment is None else int(moment.replace(tzinfo=UTC).timestamp())
 
 
 class JobQueue:
@@ -66,7 +63,7 @@ class JobQueue:
                 JOB_TASK,
                 kwargs=kwargs,
                 exchange="",
-                routing_key=f"model.{job.model}.bulk",
+                routing_key=bulk_queue(job.model),
                 priority=kombu_priority(job.priority),
             )
         except (OperationalError, RedisError, OSError) as exc:
@@ -77,7 +74,7 @@ class JobQueue:
 
     async def bulk_depth(self, model: str) -> int:
         """Messages waiting in a model's bulk queue, over all its priority lists."""
-        base = self._keys.queue_list(f"model.{model}.bulk")
+        base = self._keys.queue_list(bulk_queue(model))
         names = [base] + [f"{base}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS[1:]]
         async with self._redis.pipeline(transaction=False) as pipe:
             for name in names:
@@ -102,7 +99,7 @@ class JobQueue:
                 result = job.result
             else:
                 body = call.parse(job.request)
-                created = _epoch(job.created_at) or 0
+                created = epoch_s(job.created_at) or 0
                 result = call.render(body, job.model, job.result, job.id, created)
         if job.status in (JobStatus.queued, JobStatus.running):
             expires = job.expires_at
@@ -129,10 +126,10 @@ class JobQueue:
             "status": job.status,
             "priority": job.priority,
             "attempts": job.attempts,
-            "created_at": _epoch(job.created_at),
-            "started_at": _epoch(job.started_at),
-            "finished_at": _epoch(job.finished_at),
-            "expires_at": _epoch(expires),
+            "created_at": epoch_s(job.created_at),
+            "started_at": epoch_s(job.started_at),
+            "finished_at": epoch_s(job.finished_at),
+            "expires_at": epoch_s(expires),
             "metadata": job.meta,
             "error": error,
             "result": result,

@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 
 from app.keys import KeySpace
+from app.registry import model_queue
 from app.settings import Settings
 
 EMBEDDINGS_TASK = "inferq.embeddings"
@@ -27,7 +28,7 @@ def route_by_model(
     """Every inference task goes to its model's queue, `model.<name>`."""
     model = (kwargs or {}).get("model")
     if name.startswith("inferq.") and model:
-        return {"queue": f"model.{model}"}
+        return {"queue": model_queue(model)}
     return None
 
 

@@ -20,6 +20,14 @@ from app.settings import parse_device_list
 PACKAGE_PATH_PREFIX = "package:"
 
 
+def model_queue(model: str) -> str:
+    return f"model.{model}"
+
+
+def bulk_queue(model: str) -> str:
+    return f"model.{model}.bulk"
+
+
 class ModelKind(StrEnum):
     embedding = "embedding"
     rerank = "rerank"
@@ -123,12 +131,12 @@ class ModelSpec(BaseModel):
     @property
     def queue(self) -> str:
         """Interactive requests (the sync API)."""
-        return f"model.{self.name}"
+        return model_queue(self.name)
 
     @property
     def bulk_queue(self) -> str:
         """Async jobs; a worker serves it only while `queue` is empty."""
-        return f"model.{self.name}.bulk"
+        return bulk_queue(self.name)
 
     def resolved_path(self) -> Path:
         """The model's local directory; `package:<module>/<sub>` points inside an installed

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -16,7 +16,7 @@ from api.deps import ServicesDep
 from api.pages import list_page
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.jobs.models import Batch, BatchStatus
-from app.jobs.store import sortable_id, utcnow
+from app.jobs.store import epoch_s, sortable_id, utcnow
 
 router = APIRouter()
 
@@ -33,10 +33,6 @@ class BatchCreate(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-def _epoch(moment: datetime | None) -> int | None:
-    return None if moment is None else int(moment.replace(tzinfo=UTC).timestamp())
-
-
 def batch_object(batch: Batch) -> dict[str, Any]:
     errors = None
     if batch.errors:
@@ -51,15 +47,15 @@ def batch_object(batch: Batch) -> dict[str, Any]:
         "status": batch.status,
         "output_file_id": batch.output_file_id,
         "error_file_id": batch.error_file_id,
-        "created_at": _epoch(batch.created_at),
-        "in_progress_at": _epoch(batch.in_progress_at),
-        "expires_at": _epoch(batch.expires_at),
-        "finalizing_at": _epoch(batch.finalizing_at),
-        "completed_at": _epoch(batch.completed_at),
-        "failed_at": _epoch(batch.failed_at),
-        "expired_at": _epoch(batch.expired_at),
-        "cancelling_at": _epoch(batch.cancelling_at),
-        "cancelled_at": _epoch(batch.cancelled_at),
+        "created_at": epoch_s(batch.created_at),
+        "in_progress_at": epoch_s(batch.in_progress_at),
+        "expires_at": epoch_s(batch.expires_at),
+        "finalizing_at": epoch_s(batch.finalizing_at),
+        "completed_at": epoch_s(batch.completed_at),
+        "failed_at": epoch_s(batch.failed_at),
+        "expired_at": epoch_s(batch.expired_at),
+        "cancelling_at": epoch_s(batch.cancelling_at),
+        "cancelled_at": epoch_s(batch.cancelled_at),
         "request_counts": {
             "total": batch.total,
             "completed": batch.completed,

@@ -17,7 +17,7 @@ from api.pages import list_page
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.jobs.corpus import input_format_of
 from app.jobs.models import CorpusJob, CorpusStatus, JobStatus
-from app.jobs.store import sortable_id, utcnow
+from app.jobs.store import epoch_s, sortable_id, utcnow
 
 router = APIRouter()
 
@@ -35,10 +35,6 @@ class CorpusCreate(BaseModel):
     output_format: Literal["jsonl", "parquet", "npy"] = "jsonl"
     shard_size: int | None = Field(default=None, gt=0, le=100_000)
     metadata: dict[str, str] | None = None
-
-
-def _epoch(moment: datetime | None) -> int | None:
-    return None if moment is None else int(moment.replace(tzinfo=UTC).timestamp())
 
 
 def progress(
@@ -86,9 +82,9 @@ async def corpus_object(services: Any, job: CorpusJob) -> dict[str, Any]:
         "ids_file_id": job.ids_file_id,
         "error": job.error,
         "metadata": job.meta,
-        "created_at": _epoch(job.created_at),
-        "started_at": _epoch(job.started_at),
-        "finished_at": _epoch(job.finished_at),
+        "created_at": epoch_s(job.created_at),
+        "started_at": epoch_s(job.started_at),
+        "finished_at": epoch_s(job.finished_at),
     }
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -15,6 +14,7 @@ from api.deps import ServicesDep
 from api.pages import list_page
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.jobs.models import FileRecord
+from app.jobs.store import epoch_s
 
 router = APIRouter()
 
@@ -27,7 +27,7 @@ def file_object(record: FileRecord) -> dict[str, Any]:
         "id": record.id,
         "object": "file",
         "bytes": record.bytes,
-        "created_at": int(record.created_at.replace(tzinfo=UTC).timestamp()),
+        "created_at": epoch_s(record.created_at),
         "filename": record.filename,
         "purpose": record.purpose,
         "status": "processed",

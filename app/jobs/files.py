@@ -83,9 +83,11 @@ class FileStore:
         return self._record(file_id, owner, purpose, filename, size, relative)
 
     def adopt(self, owner: str, purpose: str, filename: str, source: Path) -> FileRecord:
-        """Register a file a job produced, moving it into the store."""
+        """Register a file a job produced, moving it into the store durably."""
         file_id = new_file_id()
         relative, final = self._place(file_id)
+        with source.open("rb+") as handle:
+            os.fsync(handle.fileno())
         shutil.move(str(source), final)
         return self._record(file_id, owner, purpose, filename, final.stat().st_size, relative)
 

@@ -31,6 +31,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def epoch_s(moment: datetime | None) -> int | None:
+    """Unix seconds of a stored (naive UTC) timestamp, as the API shows times."""
+    return None if moment is None else int(moment.replace(tzinfo=UTC).timestamp())
+
+
 _id_lock = threading.Lock()
 _last_us = 0
 
