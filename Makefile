@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 # does not allow, and pip reuses the cached wheel on every later install.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install up test lint format bench clean
+.PHONY: install system-packages up test lint format bench clean
+
+# The browser test drives Debian's Chromium and reads its screenshot with Tesseract.
+SYSTEM_PACKAGES := chromium chromium-driver tesseract-ocr
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +21,23 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -e '.[cpu,postgres,dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) system-packages
+
+system-packages:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null \
+	    || ! command -v tesseract >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES) \
+	      || (apt-get update && apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES)); \
+	  else \
+	    echo "install $(SYSTEM_PACKAGES) (the browser test needs them)"; \
+	  fi; \
+	fi
 
 up: $(STAMP)
 	$(BIN)/inferq up
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from api.metrics import note_model
 from app.celery_app import EMBEDDINGS_TASK, GENERATE_TASK, RERANK_TASK
 from app.embedding import b64_to_vector
 from app.errors import InvalidRequest
@@ -69,6 +70,7 @@ class EndpointCall:
 
 async def prepare_embeddings(body: EmbeddingRequest, services: Services) -> Prepared:
     spec = services.model(body.model, kind="embedding")
+    note_model(spec.name)
     check_input_limits(body.input, services.settings)
     task = EmbeddingTask(inputs=body.input, truncate=body.truncate, dimensions=body.dimensions)
     return Prepared(body, spec, EMBEDDINGS_TASK, task.model_dump())
@@ -96,6 +98,7 @@ def render_embeddings(
 
 async def prepare_rerank(body: RerankRequest, services: Services) -> Prepared:
     spec = services.model(body.model, kind="rerank")
+    note_model(spec.name)
     check_input_limits(body.documents, services.settings, param="documents")
     check_input_limits([body.query], services.settings, param="query")
     task = RerankTask(query=body.query, documents=body.documents, truncate=body.truncate)
@@ -170,6 +173,7 @@ def usage(result: dict[str, Any]) -> dict[str, int]:
 
 async def prepare_chat(body: ChatCompletionRequest, services: Services) -> Prepared:
     spec = services.model(body.model, kind="chat")
+    note_model(spec.name)
     task = GenerationTask(
         messages=[{"role": m.role, "content": m.text()} for m in body.messages],
         json_mode=bool(body.response_format and body.response_format.type == "json_object"),
@@ -206,6 +210,7 @@ def render_chat(
 
 async def prepare_completion(body: CompletionRequest, services: Services) -> Prepared:
     spec = services.model(body.model, kind="chat")
+    note_model(spec.name)
     task = GenerationTask(prompt=body.prompt_text(), **_sampling(body, body.max_tokens))
     await check_fits(services, spec, task)
     return Prepared(body, spec, GENERATE_TASK, task.model_dump())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
+from redis.exceptions import RedisError
 
 from api.auth import caller
 from api.bulk import BulkCoordinator
@@ -15,8 +17,23 @@ from api.dispatch import Dispatcher, DispatchPolicy
 from api.errors import install_error_handlers
 from api.job_sweeper import JobSweeper
 from api.jobs import JobQueue
+from api.launcher import ModelLauncher
+from api.metrics import install_metrics
 from api.results import ResultRouter
-from api.routes import batches, chat, corpus, embeddings, files, health, jobs, models, rerank
+from api.routes import (
+    batches,
+    chat,
+    cluster,
+    corpus,
+    embeddings,
+    files,
+    health,
+    jobs,
+    models,
+    rerank,
+    ui,
+)
+from api.routes.metrics import router as metrics_router
 from api.services import BulkServices, Services
 from app import __version__
 from app.celery_app import create_celery
@@ -46,6 +63,17 @@ def open_job_store(settings: Settings) -> JobStore:
     return JobStore(engine)
 
 
+async def _refresh_launched(services: Services) -> None:
+    """Keep the launched-model catalog current, so any API process routes a model
+    launched through another one within a second."""
+    while True:
+        try:
+            await services.refresh_launched()
+        except (RedisError, OSError) as exc:
+            log.debug("could not refresh launched models: %s", exc)
+        await asyncio.sleep(1.0)
+
+
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     settings = settings or get_settings()
     registry = registry or load_registry(settings.registry)
@@ -66,6 +94,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         )
         dispatcher = Dispatcher(celery, router, client, keys, policy)
         services = Services(settings, registry, keys, client, router, dispatcher)
+        services.launcher = ModelLauncher(client, keys, registry, celery)
+        refresher = asyncio.create_task(_refresh_launched(services))
         sweepers: list[JobSweeper] = []
         coordinators: list[BulkCoordinator] = []
 
@@ -90,6 +120,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         try:
             yield
         finally:
+            refresher.cancel()
             for sweeper in sweepers:
                 await sweeper.stop()
             for coordinator in coordinators:
@@ -99,9 +130,12 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     app = FastAPI(title="inferq", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    install_metrics(app)
     app.include_router(health.router)
+    app.include_router(ui.router)  # the cluster web page; its script sends the API key
+    app.include_router(metrics_router)  # no API key, like /health (see its route)
     # Every /v1 route needs an API key when keys are configured.
     authenticated = [Depends(caller)]
-    for module in (models, embeddings, rerank, chat, jobs, files, batches, corpus):
+    for module in (models, cluster, embeddings, rerank, chat, jobs, files, batches, corpus):
         app.include_router(module.router, dependencies=authenticated)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from fastapi import Request
 
 if TYPE_CHECKING:
     from api.bulk import BulkCoordinator
+    from api.launcher import ModelLauncher
 
 from api.dispatch import Dispatcher
 from api.jobs import JobQueue
@@ -24,6 +26,8 @@ from app.keys import KeySpace
 from app.prompt_size import PromptSizer, sizer_for
 from app.registry import ModelSpec, Registry
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +49,9 @@ class Services:
     dispatcher: Dispatcher
     # Async jobs need the job database; the sync API does not, so it serves without
     # one and the job routes answer 503 with what to do until `open_jobs` succeeds.
+    launcher: ModelLauncher | None = None
+    #: Models launched on nodes (POST /v1/models), refreshed from Redis every second.
+    launched: dict[str, ModelSpec] = field(default_factory=dict)
     open_jobs: Callable[[], tuple[JobQueue, BulkServices]] | None = None
     jobs: JobQueue | None = None
     bulk: BulkServices | None = None
@@ -89,8 +96,27 @@ class Services:
         assert self.bulk is not None
         return self.bulk
 
+    def model_names(self) -> list[str]:
+        """Registry models, then launched ones: every name a request may use."""
+        return list(dict.fromkeys([*(m.name for m in self.registry.models), *self.launched]))
+
+    def find_model(self, name: str) -> ModelSpec | None:
+        return self.registry.get(name) or self.launched.get(name)
+
+    async def refresh_launched(self) -> None:
+        from api.cluster_reads import read_deployments
+
+        deployments = await read_deployments(self.redis, self.keys)
+        launched: dict[str, ModelSpec] = {}
+        for uid, deployment in deployments.items():
+            try:
+                launched[uid] = ModelSpec.model_validate(deployment.spec)
+            except ValueError as exc:  # written by another version; not servable here
+                log.warning("ignoring launched model %r: %s", uid, exc)
+        self.launched = launched
+
     def model(self, name: str, kind: str | None = None) -> ModelSpec:
-        spec = self.registry.get(name)
+        spec = self.find_model(name)
         if spec is None:
             raise ModelNotFound(f"the model {name!r} does not exist", param="model")
         if kind is not None and spec.kind != kind:

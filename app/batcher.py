@@ -28,7 +28,9 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from app import worker_stats as ws
 from app.errors import EngineFailure, InferqError, RequestTimedOut
+from app.worker_stats import FixedHistogram
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +67,48 @@ def default_buckets(model_max: int, batch_size: int, lengths: Sequence[int] = ()
 
 @dataclass
 class BatchStats:
+    """Totals and per-batch histograms, reported by the worker's heartbeat.
+
+    The histograms keep cumulative bucket counts with fixed bounds
+    (app/worker_stats.py), so the API can add up the replicas of a model and
+    show the distribution of batch sizes and padding, not only the averages.
+    """
+
     batches: int = 0
     items: int = 0
     real_tokens: int = 0
     computed_tokens: int = 0
     failures: int = 0
+    sizes: FixedHistogram = field(
+        default_factory=lambda: FixedHistogram(ws.BATCH_SIZE, ws.BATCH_SIZE_BOUNDS)
+    )
+    efficiencies: FixedHistogram = field(
+        default_factory=lambda: FixedHistogram(ws.PADDING_EFFICIENCY, ws.PADDING_EFFICIENCY_BOUNDS)
+    )
 
     @property
     def padding_efficiency(self) -> float:
         return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
 
+    def record(self, size: int, real: int, computed: int) -> None:
+        """One batch that ran: `real` tokens of input padded to `computed`."""
+        self.batches += 1
+        self.items += size
+        self.real_tokens += real
+        self.computed_tokens += computed
+        self.sizes.observe(size)
+        self.efficiencies.observe(real / computed if computed else 1.0)
+
     def as_dict(self) -> dict[str, float]:
+        """The flat hash the heartbeat writes; field names in app/worker_stats.py."""
         return {
-            "batches": self.batches,
-            "batched_items": self.items,
-            "real_tokens": self.real_tokens,
-            "computed_tokens": self.computed_tokens,
-            "batch_failures": self.failures,
+            ws.BATCHES: self.batches,
+            ws.BATCHED_ITEMS: self.items,
+            ws.REAL_TOKENS: self.real_tokens,
+            ws.COMPUTED_TOKENS: self.computed_tokens,
+            ws.BATCH_FAILURES: self.failures,
+            **self.sizes.flat(),
+            **self.efficiencies.flat(),
         }
 
 
@@ -317,10 +344,6 @@ class BucketBatcher(Generic[T]):
         results = self._run_batch([item.payload for item in items], padded)
         if len(results) != len(items):
             raise EngineFailure(f"the engine returned {len(results)} results for {len(items)}")
-        stats = self.stats
-        stats.batches += 1
-        stats.items += len(items)
-        stats.real_tokens += sum(item.length for item in items)
-        stats.computed_tokens += padded * len(items)
+        self.stats.record(len(items), sum(item.length for item in items), padded * len(items))
         for item, value in zip(items, results, strict=True):
             item.request.put(item.index, value)

@@ -76,5 +76,9 @@ def create_celery(settings: Settings) -> Celery:
             "interval_max": 0.5,
         },
         worker_hijack_root_logger=False,
+        # Task events let Flower show each worker's tasks per queue; they cost one
+        # small pub/sub message per state change.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
     )
     return app

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from app.devices import pin_cpu_affinity, pinning_env
 from app.engines import ENGINES
-from app.registry import RegistryError, load_registry
+from app.registry import RegistryError, load_registry, worker_model_spec
 from app.settings import Settings, get_settings, parse_device_list
 
 log = logging.getLogger("inferq")
@@ -45,14 +45,17 @@ def worker_argv(model: str, devices: Sequence[str], replica: int) -> list[str]:
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.require_redis_url()
-    spec = _registry_or_exit(settings).get(args.model)
-    if spec is None:
-        print(f"model {args.model!r} is not in the registry", file=sys.stderr)
+    try:
+        spec = worker_model_spec(settings, args.model)
+    except RegistryError as exc:
+        print(exc, file=sys.stderr)
         return 2
     devices = parse_device_list(args.devices or "")
     entry = ENGINES[spec.engine]
+    kind = settings.worker_device_kind
+    device_kind = kind if kind in entry.device_kinds else entry.device_kind
     env = dict(os.environ)
-    env.update(pinning_env(entry.device_kind, devices))
+    env.update(pinning_env(device_kind, devices))
     env.update(
         {
             "INFERQ_WORKER_MODEL": spec.name,
@@ -62,7 +65,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "TRANSFORMERS_OFFLINE": "1",
         }
     )
-    if entry.device_kind == "cpu":
+    if device_kind == "cpu":
         pin_cpu_affinity(devices)
     # A chat engine runs `parallel` generations at once; more wait in the queue, where
     # another replica can take them. Embedding/rerank workers hold many to batch them.
@@ -87,6 +90,64 @@ def cmd_worker(args: argparse.Namespace) -> int:
         str(concurrency),
         "--hostname",
         f"{spec.name}-r{args.replica}-{os.getpid()}@{socket.gethostname()}",
+        "--without-mingle",
+        "--without-gossip",
+        "--loglevel",
+        args.loglevel,
+    ]
+    os.execve(sys.executable, argv, env)
+    return 0  # not reached
+
+
+def _address_towards(url: str) -> str:
+    """The local address this host uses to reach `url`'s host: how other nodes see it."""
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from app.keys import node_queue
+
+    settings = get_settings()
+    redis_url = settings.require_redis_url()
+    name = args.name or settings.node_name or socket.gethostname()
+    devices = parse_device_list(args.devices) if args.devices else settings.node_devices
+    kind = args.device_kind or settings.node_device_kind
+    if kind not in ("cpu", "cuda", "vacc"):
+        print(f"unknown device kind {kind!r}: cpu, cuda or vacc", file=sys.stderr)
+        return 2
+    address = args.address or settings.node_address or _address_towards(redis_url)
+    env = dict(os.environ)
+    env.update(
+        {
+            "INFERQ_NODE_NAME": name,
+            "INFERQ_NODE_DEVICES": ",".join(devices),
+            "INFERQ_NODE_DEVICE_KIND": kind,
+            "INFERQ_NODE_ADDRESS": address,
+        }
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.node:node_app",
+        "worker",
+        "-Q",
+        node_queue(name),
+        "--pool",
+        "threads",
+        "--concurrency",
+        "1",
+        "--hostname",
+        f"node@{name}",
         "--without-mingle",
         "--without-gossip",
         "--loglevel",
@@ -160,6 +221,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         env = child_env(extra)
         api_argv = [sys.executable, "-m", "app", "api", "--host", host, "--port", str(port)]
         supervisor.add(Child("api", api_argv, env))
+        if args.flower:
+            flower = [sys.executable, "-m", "app", "flower"]
+            supervisor.add(Child("flower", flower, env, restart=True))
         this_host = socket.gethostname()
         for spec in registry.models:
             for replica, devices in enumerate(spec.replica_device_groups(this_host)):
@@ -238,6 +302,103 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from app.cluster_cli import api_client
+
+    settings = get_settings()
+    base = args.api or f"http://{settings.api_host}:{settings.api_port}"
+    key = args.api_key or (settings.api_keys[0] if settings.api_keys else None)
+    return api_client(base, key)
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    import yaml
+
+    return key, yaml.safe_load(raw)  # numbers and booleans as such, the rest as text
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from app.cluster_cli import launch, launch_from_registry
+
+    with _api_client(args) as client:
+        if args.registry:
+            launch_from_registry(
+                client, args.registry, [args.model] if args.model else [], args.wait, args.timeout
+            )
+            return 0
+        if not args.model:
+            print("name the model to launch (or give --registry FILE)", file=sys.stderr)
+            return 2
+        body: dict[str, object] = {"model_name": args.model, "replica": args.replica}
+        optional = {
+            "model_uid": args.uid,
+            "model_type": args.type,
+            "model_engine": args.engine,
+            "model_path": args.path,
+            "n_gpu": args.n_gpu,
+            "worker_ip": args.node,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        if args.devices:
+            body["devices"] = parse_device_list(args.devices)
+        if args.option:
+            body["model_options"] = dict(args.option)
+        launch(client, body, args.wait, args.timeout)
+    return 0
+
+
+def cmd_terminate(args: argparse.Namespace) -> int:
+    from app.cluster_cli import terminate
+
+    with _api_client(args) as client:
+        terminate(client, args.model, args.replica)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from app.cluster_cli import list_models
+
+    with _api_client(args) as client:
+        list_models(client)
+    return 0
+
+
+def flower_argv(settings: Settings, port: int | None, address: str | None) -> list[str]:
+    """Flower on the same broker and key prefix as the workers, behind basic auth."""
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "app.flower_app:celery_app",
+        "flower",
+        f"--port={port or settings.flower_port}",
+        f"--address={address or settings.flower_address}",
+    ]
+    if settings.flower_basic_auth:
+        argv.append(f"--basic-auth={settings.flower_basic_auth}")
+    return argv
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    settings.require_redis_url()
+    address = args.address or settings.flower_address
+    if not settings.flower_basic_auth and address not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"refusing to serve Flower on {address} without a login: set "
+            "INFERQ_FLOWER_BASIC_AUTH=user:password",
+            file=sys.stderr,
+        )
+        return 2
+    argv = flower_argv(settings, args.port, address)
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
 def cmd_registry(args: argparse.Namespace) -> int:
     settings = get_settings()
     if args.file:
@@ -257,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host")
     up.add_argument("--port", type=int)
     up.add_argument("--startup-timeout", type=float, default=600.0)
+    up.add_argument("--flower", action="store_true", help="also run Flower (basic auth)")
     up.set_defaults(func=cmd_up)
 
     worker = sub.add_parser("worker", help="serve one replica of a model on pinned devices")
@@ -266,6 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=0)
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=cmd_worker)
+
+    node = sub.add_parser(
+        "node", help="the node agent: offers this machine's devices and runs launched models"
+    )
+    node.add_argument("--name", help="default: INFERQ_NODE_NAME or the host name")
+    node.add_argument("--devices", help="e.g. 0-15 (accelerators) or CPU core ids")
+    node.add_argument("--device-kind", choices=["cpu", "cuda", "vacc"])
+    node.add_argument("--address", help="how other hosts reach this one (default: detected)")
+    node.add_argument("--loglevel", default="info")
+    node.set_defaults(func=cmd_node)
 
     api = sub.add_parser("api", help="serve the HTTP API")
     api.add_argument("--host")
@@ -289,6 +461,47 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--api", help="API base URL (default: INFERQ_API_HOST/PORT)")
     embed.add_argument("--api-key", help="default: the first of INFERQ_API_KEYS")
     embed.set_defaults(func=cmd_embed)
+
+    def api_flags(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--api", help="API base URL (default: INFERQ_API_HOST/PORT)")
+        command.add_argument("--api-key", help="default: the first of INFERQ_API_KEYS")
+
+    launch = sub.add_parser("launch", help="launch replicas of a model on nodes (via the API)")
+    launch.add_argument("model", nargs="?", help="model name (a registry entry, or a new one)")
+    launch.add_argument("--uid", help="the name clients call it by (default: the model name)")
+    launch.add_argument("--type", choices=["embedding", "rerank", "chat", "LLM"])
+    launch.add_argument("--engine")
+    launch.add_argument("--path", help="model directory or file (or package:<module>/<sub>)")
+    launch.add_argument("--replica", type=int, default=1)
+    launch.add_argument("--n-gpu", type=int, help="devices per replica")
+    launch.add_argument(
+        "--devices",
+        help="explicit devices, shared out over the replicas (or in groups of --n-gpu)",
+    )
+    launch.add_argument("--node", help="node name or address (xinference's worker_ip)")
+    launch.add_argument(
+        "--option", action="append", type=_option, metavar="KEY=VALUE", help="engine option"
+    )
+    launch.add_argument("--registry", help="launch entries of this registry file as written")
+    launch.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True)
+    launch.add_argument("--timeout", type=float, default=900.0, help="seconds --wait waits")
+    api_flags(launch)
+    launch.set_defaults(func=cmd_launch)
+
+    terminate = sub.add_parser("terminate", help="stop a launched model, or one replica")
+    terminate.add_argument("model")
+    terminate.add_argument("--replica", help="one replica id (see `inferq list` / the API)")
+    api_flags(terminate)
+    terminate.set_defaults(func=cmd_terminate)
+
+    listing = sub.add_parser("list", help="list models with replicas alive and wanted")
+    api_flags(listing)
+    listing.set_defaults(func=cmd_list)
+
+    flower = sub.add_parser("flower", help="Flower, the Celery monitor, with basic auth")
+    flower.add_argument("--port", type=int)
+    flower.add_argument("--address")
+    flower.set_defaults(func=cmd_flower)
 
     registry = sub.add_parser("registry", help="validate and list a model registry")
     registry.add_argument("file", nargs="?")

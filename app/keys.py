@@ -39,3 +39,35 @@ class KeySpace:
     def unacked_index(self) -> str:
         """kombu's sorted set of unacknowledged deliveries, scored by delivery time."""
         return f"{self.broker_prefix}unacked_index"
+
+    # Cluster operations: nodes and the models launched on them (app/cluster_state.py).
+    @property
+    def nodes(self) -> str:
+        """Sorted set of node names, scored by heartbeat expiry (epoch seconds)."""
+        return f"{self.prefix}:nodes"
+
+    def node_info(self, node: str) -> str:
+        """What a node last reported: devices, worker processes (JSON, expires)."""
+        return f"{self.prefix}:node:{node}"
+
+    def node_assignments(self, node: str) -> str:
+        """Hash of the replicas a node must run, by assignment id: its desired state."""
+        return f"{self.prefix}:node-assignments:{node}"
+
+    def node_events(self, node: str) -> str:
+        """Capped list of a node's recent worker events (crashes, restarts), newest first."""
+        return f"{self.prefix}:node-events:{node}"
+
+    @property
+    def deployments(self) -> str:
+        """Hash of launched models by uid: the model spec they serve."""
+        return f"{self.prefix}:deployments"
+
+    @property
+    def launch_lock(self) -> str:
+        return f"{self.prefix}:launch-lock"
+
+
+def node_queue(node: str) -> str:
+    """The Celery queue a node agent consumes its control messages from."""
+    return f"node.{node}"

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.settings import parse_device_list
+from app.settings import Settings, parse_device_list
 
 PACKAGE_PATH_PREFIX = "package:"
 
@@ -262,3 +262,24 @@ def load_registry(path: Path | None) -> Registry:
     except yaml.YAMLError as exc:
         raise RegistryError(f"{path}: not valid YAML: {exc}") from None
     return parse_registry(raw, str(path))
+
+
+def worker_model_spec(settings: Settings, model: str | None = None) -> ModelSpec:
+    """The spec a worker serves: the one its node agent handed over (launched models),
+    else the registry entry named `model` (or INFERQ_WORKER_MODEL)."""
+    name = model or settings.worker_model
+    if settings.worker_spec:
+        try:
+            spec = ModelSpec.model_validate_json(settings.worker_spec)
+        except ValidationError as exc:
+            raise RegistryError(_describe("INFERQ_WORKER_SPEC", {}, exc)) from None
+        if name and spec.name != name:
+            raise RegistryError(f"INFERQ_WORKER_SPEC describes {spec.name!r}, not {name!r}")
+        return spec
+    if not name:
+        raise RegistryError("no model: set INFERQ_WORKER_MODEL or pass --model")
+    registry = load_registry(settings.registry)
+    try:
+        return registry.require(name)
+    except KeyError as exc:
+        raise RegistryError(str(exc.args[0])) from None

@@ -33,6 +33,10 @@ class ReplicaInfo:
     replica: int
     started_at: float = field(default_factory=time.time)
     state: str = "ready"
+    #: The node agent that started this worker, and the launch assignment it serves
+    #: ("" for workers started by hand or by `inferq up`).
+    node: str = ""
+    assignment: str = ""
 
     @property
     def label(self) -> str:
@@ -77,7 +81,9 @@ class ReplicaAnnouncer:
         )
         stats = self.stats() if self.stats else {}
         if stats:
-            pipe.hset(self._keys.replica_stats(self.info.replica_id), mapping=stats)
+            stats_key = self._keys.replica_stats(self.info.replica_id)
+            pipe.hset(stats_key, mapping=stats)
+            pipe.pexpire(stats_key, int(self._ttl * 1000))  # gone with a dead replica
         pipe.execute()
 
     def _run(self) -> None:
@@ -96,6 +102,7 @@ class ReplicaAnnouncer:
             pipe = self._client.pipeline(transaction=False)
             pipe.zrem(self._keys.replicas(self.info.model), self.info.replica_id)
             pipe.delete(self._keys.replica_info(self.info.replica_id))
+            pipe.delete(self._keys.replica_stats(self.info.replica_id))
             pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not withdraw replica %s: %s", self.info.replica_id, exc)

@@ -124,7 +124,44 @@ class Settings(BaseSettings):
         "together; the first piece is never held. 0 sends every piece alone.",
     )
 
+    # Flower, the Celery monitor (`inferq flower`): basic auth as `user:password`
+    # (comma-separated for several users); empty refuses to start it on a non-loopback address.
+    flower_basic_auth: str = ""
+    flower_port: int = 5555
+    flower_address: str = "127.0.0.1"
+    task_events: bool = Field(
+        default=True,
+        description="Workers send Celery task events, so Flower shows tasks per worker and queue.",
+    )
+
+    # Node agents (`inferq node`): who this node is and what it offers.
+    node_name: str = Field(default="", description="Default: the host name.")
+    node_devices: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    node_device_kind: str = Field(default="cpu", pattern="^(cpu|cuda|vacc)$")
+    node_address: str = Field(
+        default="", description="Default: the address this host reaches Redis from."
+    )
+    node_heartbeat_s: float = Field(default=1.0, gt=0)
+    node_heartbeat_ttl_s: float = Field(default=6.0, gt=0)
+    node_reconcile_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often a node compares its worker processes with what it was asked "
+        "to run, besides whenever a control message wakes it.",
+    )
+    node_restart_max_backoff_s: float = Field(default=30.0, gt=0)
+    node_stop_grace_s: float = Field(
+        default=30.0, gt=0, description="A stopping worker finishes in-flight work this long."
+    )
+
     worker_model: str | None = None
+    # A launched model's spec (JSON), set by the node agent for the workers it starts:
+    # launched models need not be in the registry file.
+    worker_spec: str | None = None
+    worker_node: str = ""
+    worker_assignment: str = ""
+    #: The node's device kind, for engines that run on several (vLLM: cuda or vacc).
+    worker_device_kind: str = ""
     worker_devices: Annotated[list[str], NoDecode] = Field(default_factory=list)
     worker_replica: int = 0
 
@@ -135,7 +172,7 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("worker_devices", mode="before")
+    @field_validator("worker_devices", "node_devices", mode="before")
     @classmethod
     def _split_devices(cls, value: object) -> object:
         if isinstance(value, str):

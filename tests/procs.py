@@ -111,3 +111,32 @@ def subprocess_env(extra: dict[str, str]) -> dict[str, str]:
     env.update(extra)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def node_alive(env: dict[str, str], name: str) -> bool:
+    client = redis.Redis.from_url(env["INFERQ_REDIS_URL"])
+    keys = KeySpace(env["INFERQ_KEY_PREFIX"])
+    score = client.zscore(keys.nodes, name)
+    return score is not None and score > time.time()
+
+
+def start_node(
+    env: dict[str, str],
+    log_dir: Path,
+    name: str,
+    devices: str = "",
+    device_kind: str = "cpu",
+    timeout: float = 60.0,
+) -> Proc:
+    """`inferq node`, started and seen to register in Redis."""
+    argv = [sys.executable, "-m", "app", "node", "--name", name, "--device-kind", device_kind]
+    if devices:
+        argv += ["--devices", devices]
+    proc = Proc(f"node-{name}", argv, env, log_dir)
+    deadline = time.monotonic() + timeout
+    while not node_alive(env, name):
+        if proc.popen.poll() is not None or time.monotonic() > deadline:
+            proc.stop()
+            raise RuntimeError(f"node {name} did not register:\n{proc.tail()}")
+        time.sleep(0.2)
+    return proc

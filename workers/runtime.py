@@ -9,11 +9,14 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
+from app import worker_stats
 from app.batcher import BucketBatcher
 from app.db import engine_for
 from app.embedding import EmbeddingRunner, build_embedding_runner
@@ -23,10 +26,11 @@ from app.errors import InvalidRequest
 from app.generation import GenerationRunner
 from app.jobs.store import JobStore
 from app.keys import KeySpace
-from app.registry import ModelKind, ModelSpec, load_registry
+from app.registry import ModelKind, ModelSpec, worker_model_spec
 from app.replicas import ReplicaAnnouncer, ReplicaInfo
 from app.rerank import RerankRunner, build_rerank_runner
 from app.settings import Settings
+from app.worker_stats import TokenRate
 from workers.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,8 @@ class WorkerRuntime:
     chat: GenerationRunner | None = None
     counters: dict[str, int] = field(default_factory=dict)
     counter_lock: threading.Lock = field(default_factory=threading.Lock)
+    token_rate: TokenRate = field(default_factory=TokenRate)
+    in_flight: int = 0
     _jobs: JobStore | None = None
 
     def job_store(self) -> JobStore:
@@ -90,10 +96,26 @@ class WorkerRuntime:
         with self.counter_lock:
             self.counters[what] = self.counters.get(what, 0) + amount
 
+    @contextmanager
+    def working(self) -> Iterator[None]:
+        """Counts requests and jobs in the engine right now (`in_flight` in the cluster view)."""
+        with self.counter_lock:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self.counter_lock:
+                self.in_flight -= 1
+
     def stats(self) -> dict[str, float]:
         with self.counter_lock:
             totals: dict[str, float] = dict(self.counters)
+            totals["in_flight"] = self.in_flight
         batching = self.batcher.stats.as_dict() if self.batcher else {}
+        if self.chat is not None:
+            # Called once a heartbeat, which paces the rate's samples.
+            generated = totals.setdefault(worker_stats.GENERATED_TOKENS, 0)
+            totals[worker_stats.TOKENS_PER_SECOND] = self.token_rate.update(generated)
         return {**batching, **totals}
 
 
@@ -105,7 +127,7 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
     global _runtime
     if not settings.worker_model:
         raise RuntimeError("INFERQ_WORKER_MODEL is not set; start workers with `inferq worker`")
-    spec = load_registry(settings.registry).require(settings.worker_model)
+    spec = worker_model_spec(settings)
     started = time.monotonic()
     engine = load_engine(spec, settings.worker_devices)
     log.info("loaded %s (%s) in %.1fs", spec.name, spec.engine, time.monotonic() - started)
@@ -118,6 +140,8 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
         pid=os.getpid(),
         devices=settings.worker_devices,
         replica=settings.worker_replica,
+        node=settings.worker_node,
+        assignment=settings.worker_assignment,
     )
     lease = LeaseKeeper(client, keys.unacked_index, settings.visibility_timeout_s / 4)
     embeddings: EmbeddingRunner | None = None

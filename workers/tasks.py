@@ -20,6 +20,7 @@ from app.jobs.corpus import read_shard, write_shard
 from app.protocol.chat import GenerationTask
 from app.protocol.embeddings import EmbeddingResult, EmbeddingTask
 from app.protocol.rerank import RerankResult, RerankTask
+from app.worker_stats import GENERATED_TOKENS
 from workers.app import celery_app
 from workers.runtime import WorkerRuntime, get_runtime
 
@@ -74,6 +75,7 @@ def generate_work(request_id: str, payload: dict[str, Any]) -> Work:
             task, lambda: rt.cancelled(request_id), stream.add if task.stream else None
         )
         stream.flush()
+        rt.count(GENERATED_TOKENS, int(result["completion_tokens"]))
         return {**result, "replica": rt.info.label}
 
     return work
@@ -84,7 +86,8 @@ def run_guarded(rt: WorkerRuntime, model: str, work: Work, what: str) -> dict[st
     try:
         if model != rt.spec.name:
             raise InvalidRequest(f"this worker serves {rt.spec.name!r}, not {model!r}")
-        return {"ok": True, "result": work(rt)}
+        with rt.working():
+            return {"ok": True, "result": work(rt)}
     except InferqError as exc:
         return {"ok": False, "error": exc.to_wire()}
     except Exception as exc:

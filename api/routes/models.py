@@ -1,40 +1,100 @@
+"""`/v1/models`: the OpenAI model list, plus launching and terminating replicas on nodes."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
+from redis.exceptions import RedisError
 
+from api.cluster_reads import ClusterState, read_cluster
+from api.cluster_view import model_entry
+from api.launcher import ModelLauncher
 from api.services import Services, get_services
+from app.errors import BackendUnavailable, ModelNotFound
+from app.protocol.launch import LaunchRequest
 
 router = APIRouter()
 
+ServicesDep = Annotated[Services, Depends(get_services)]
 
-def _entry(name: str, kind: str, created: int, alive: int) -> dict[str, Any]:
-    return {
-        "id": name,
-        "object": "model",
-        "created": created,
-        "owned_by": "inferq",
-        "kind": kind,
-        "replicas_alive": alive,
-    }
+
+async def _state(services: Services) -> ClusterState:
+    try:
+        await services.refresh_launched()
+        return await read_cluster(services.redis, services.keys, services.model_names())
+    except (RedisError, OSError) as exc:
+        raise BackendUnavailable(f"the cluster state is unreachable: {exc}") from None
+
+
+def _launcher(services: Services) -> ModelLauncher:
+    assert services.launcher is not None
+    return services.launcher
+
+
+def _source(services: Services, name: str) -> str:
+    return "registry" if services.registry.get(name) else "launched"
 
 
 @router.get("/v1/models")
-async def list_models(services: Annotated[Services, Depends(get_services)]) -> dict[str, Any]:
+async def list_models(services: ServicesDep) -> dict[str, Any]:
+    state = await _state(services)
     data = [
-        _entry(
-            spec.name, spec.kind, services.started_at, await services.dispatcher.alive(spec.name)
-        )
-        for spec in services.registry.models
+        model_entry(spec, _source(services, spec.name), state, services.started_at)
+        for spec in (services.model(name) for name in services.model_names())
     ]
     return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{model}")
-async def get_model(
-    model: str, services: Annotated[Services, Depends(get_services)]
-) -> dict[str, Any]:
+async def get_model(model: str, services: ServicesDep) -> dict[str, Any]:
+    state = await _state(services)
     spec = services.model(model)
-    alive = await services.dispatcher.alive(spec.name)
-    return _entry(spec.name, spec.kind, services.started_at, alive)
+    return model_entry(spec, _source(services, model), state, services.started_at, detail=True)
+
+
+@router.post("/v1/models")
+async def launch_model(body: LaunchRequest, services: ServicesDep) -> dict[str, Any]:
+    """Place `replica` replicas on nodes with free devices; the nodes start them.
+
+    Answers once the placement is recorded; `replicas[].state` turns `ready` when
+    each worker has loaded its model (`inferq launch --wait` polls for that).
+    """
+    launched = await _launcher(services).launch(body)
+    state = await _state(services)
+    spec = services.model(body.uid)
+    entry = model_entry(spec, _source(services, spec.name), state, services.started_at, True)
+    new = {a.assignment_id for a in launched}
+    entry["model_uid"] = spec.name
+    entry["launched_replicas"] = [r for r in entry["replicas"] if r["replica_id"] in new]
+    return entry
+
+
+@router.delete("/v1/models/{model}")
+async def terminate_model(model: str, services: ServicesDep) -> dict[str, Any]:
+    """Stop every node-launched replica of the model (workers finish in-flight work)."""
+    stopped = await _launcher(services).terminate(model)
+    await services.refresh_launched()
+    return {
+        "id": model,
+        "object": "model",
+        "deleted": True,
+        "replicas_terminated": [a.assignment_id for a in stopped],
+    }
+
+
+@router.delete("/v1/models/{model}/replicas/{replica_id}")
+async def terminate_replica(model: str, replica_id: str, services: ServicesDep) -> dict[str, Any]:
+    if services.find_model(model) is None:
+        await services.refresh_launched()
+        if services.find_model(model) is None:
+            raise ModelNotFound(f"the model {model!r} does not exist", param="model")
+    stopped = await _launcher(services).terminate(model, replica_id)
+    await services.refresh_launched()
+    return {
+        "id": replica_id,
+        "object": "model.replica",
+        "model": model,
+        "deleted": True,
+        "replicas_terminated": [a.assignment_id for a in stopped],
+    }

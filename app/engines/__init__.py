@@ -25,6 +25,12 @@ class EngineEntry:
     install_hint: str
     #: "module:function" checking a registry entry for this engine (no heavy imports).
     validator: str | None = None
+    #: Other device kinds it also runs on (Vastai ships a vLLM build for VACC).
+    also_runs_on: frozenset[str] = frozenset()
+
+    @property
+    def device_kinds(self) -> tuple[str, ...]:
+        return (self.device_kind, *sorted(self.also_runs_on))
 
 
 ENGINES: dict[str, EngineEntry] = {
@@ -53,6 +59,7 @@ ENGINES: dict[str, EngineEntry] = {
         "cuda",
         "pip install 'inferq[vllm]' on a GPU host, or use the Vastai VACC image",
         validator="app.engines.vllm:validate_spec",
+        also_runs_on=frozenset({"vacc"}),
     ),
     "cross_encoder": EngineEntry(
         "app.engines.cross_encoder:CrossEncoderEngine",

@@ -1,0 +1,57 @@
+"""`GET /v1/cluster`: nodes, workers, models, queues and jobs in one answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from redis.exceptions import RedisError
+
+from api.cluster_reads import queue_depths, read_cluster
+from api.cluster_view import cluster_view
+from api.services import Services, get_services
+from app.errors import BackendUnavailable
+
+router = APIRouter()
+
+#: Recent events shown per node.
+EVENTS_SHOWN = 20
+
+
+@router.get("/v1/cluster")
+async def cluster(services: Annotated[Services, Depends(get_services)]) -> dict[str, Any]:
+    try:
+        await services.refresh_launched()
+        names = services.model_names()
+        state = await read_cluster(services.redis, services.keys, names)
+        depths = await queue_depths(services.redis, services.keys, names)
+        events: dict[str, list[dict[str, Any]]] = {}
+        for name in state.nodes:
+            raw = await services.redis.lrange(services.keys.node_events(name), 0, EVENTS_SHOWN - 1)
+            events[name] = [json.loads(e) for e in raw]
+    except (RedisError, OSError) as exc:
+        raise BackendUnavailable(f"the cluster state is unreachable: {exc}") from None
+    jobs: dict[str, int] | None = None
+    problem = services.jobs_problem
+    if services.jobs is not None:
+        try:
+            counts = await asyncio.to_thread(services.jobs.store.count_by_status)
+            statuses = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+            jobs = {status: counts.get(status, 0) for status in statuses}
+        except Exception as exc:  # the database is away: the rest of the view still stands
+            problem = f"the job store is unreachable: {exc}"
+    models = [
+        (services.model(n), "registry" if services.registry.get(n) else "launched") for n in names
+    ]
+    return cluster_view(
+        state,
+        models,
+        depths,
+        events,
+        jobs,
+        problem,
+        services.started_at,
+        services.settings.heartbeat_ttl_s,
+    )

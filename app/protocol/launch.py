@@ -1,0 +1,83 @@
+"""The model launch request, shaped like xinference's `POST /v1/models` where it maps."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.registry import ModelKind
+
+#: xinference's model types and what they are here.
+MODEL_TYPES: dict[str, ModelKind] = {
+    "LLM": ModelKind.chat,
+    "llm": ModelKind.chat,
+    "chat": ModelKind.chat,
+    "embedding": ModelKind.embedding,
+    "rerank": ModelKind.rerank,
+}
+
+
+class LaunchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_uid: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+        max_length=128,
+        description="The name clients call the model by; default: model_name.",
+    )
+    model_name: str = Field(min_length=1, max_length=128)
+    model_type: Literal["LLM", "llm", "chat", "embedding", "rerank"] | None = None
+    model_engine: str | None = None
+    model_path: str | None = Field(default=None, max_length=4096)
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    replica: int = Field(default=1, ge=1, le=256)
+    n_gpu: int | Literal["auto"] | None = Field(
+        default=None, description="Devices per replica; 'auto' or none: the engine's default."
+    )
+    devices: list[str] | None = Field(
+        default=None, description="Explicit device ids, split into groups of n_gpu."
+    )
+    gpu_idx: list[str] | None = Field(default=None, description="xinference's name for devices.")
+    worker_ip: str | None = Field(default=None, description="A node name or address.")
+    # Accepted from xinference clients; a local model path already says all of them.
+    model_size_in_billions: int | str | None = None
+    model_format: str | None = None
+    quantization: str | None = None
+
+    @field_validator("devices", "gpu_idx", mode="before")
+    @classmethod
+    def _as_strings(cls, value: object) -> object:
+        if isinstance(value, int):
+            return [str(value)]
+        if isinstance(value, str):
+            from app.settings import parse_device_list
+
+            return parse_device_list(value)
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        return value
+
+    @field_validator("n_gpu")
+    @classmethod
+    def _positive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("n_gpu must be between 1 and 64")
+        return value
+
+    @property
+    def uid(self) -> str:
+        return self.model_uid or self.model_name
+
+    @property
+    def kind(self) -> ModelKind | None:
+        return MODEL_TYPES[self.model_type] if self.model_type else None
+
+    @property
+    def wanted_devices(self) -> list[str]:
+        return list(self.devices or self.gpu_idx or [])
+
+    @property
+    def devices_per_replica(self) -> int | None:
+        return self.n_gpu if isinstance(self.n_gpu, int) else None
