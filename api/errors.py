@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,12 +11,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import InferqError, InvalidRequest
+from app.errors import AuthenticationFailed, InferqError, InvalidRequest, Overloaded
 
 log = logging.getLogger(__name__)
 
 
 def error_response(exc: InferqError, headers: dict[str, str] | None = None) -> JSONResponse:
+    if isinstance(exc, Overloaded):
+        # Whole seconds, as HTTP wants them; the openai client honours this header.
+        headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    if isinstance(exc, AuthenticationFailed):
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(exc.to_openai(), status_code=exc.status, headers=headers)
 
 

@@ -80,10 +80,29 @@ class PayloadTooLarge(InferqError):
     default_code = "payload_too_large"
 
 
+class PermissionDenied(InferqError):
+    status = 403
+    type = "permission_error"
+    default_code = "insufficient_scope"
+
+
 class Overloaded(InferqError):
+    """Too much waiting work; the caller should come back after `retry_after` seconds."""
+
     status = 429
     type = "rate_limit_error"
     default_code = "overloaded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float = 1.0,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
 
 
 class ModelUnavailable(InferqError):
@@ -116,6 +135,7 @@ ERROR_KINDS: dict[str, type[InferqError]] = {
         InferqError,
         InvalidRequest,
         AuthenticationFailed,
+        PermissionDenied,
         NotFound,
         ModelNotFound,
         Conflict,
