@@ -1,44 +1,62 @@
-"""API keys: who is calling. With no keys configured inferq is open (one-host default).
+"""Who is calling, and whether its key may do this: API keys and their scopes.
 
-A caller is known by a fingerprint of its key, never the key itself: that is
-what the job store records as a job's owner, so a leaked database does not leak
-keys, and a job is visible only to the key that submitted it.
+With no keys configured inferq is open (the one-host default); with keys, every
+/v1 call needs `Authorization: Bearer <key>`: 401 without a valid one, 403 when
+the key lacks the route's scope. A caller is known by a fingerprint of its key,
+never the key itself: that is what the job store records as a job's owner, so
+a leaked database does not leak keys, and a job is visible only to its key.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 
 from api.services import Services, get_services
-from app.errors import AuthenticationFailed
-
-ANONYMOUS = ""
-
-
-def key_fingerprint(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+from app.errors import AuthenticationFailed, PermissionDenied
+from app.keyring import ANONYMOUS, Caller, Scope
 
 
-def caller(
+def authenticate(
     services: Annotated[Services, Depends(get_services)],
     authorization: Annotated[str | None, Header()] = None,
-) -> str:
-    keys = services.settings.api_keys
-    if not keys:
+) -> Caller:
+    keyring = services.keyring
+    if keyring.open:
         return ANONYMOUS
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationFailed(
             "no API key: send `Authorization: Bearer <key>`", code="missing_api_key"
         )
-    token = token.strip()
-    if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+    found = keyring.identify(token.strip())
+    if found is None:
         raise AuthenticationFailed("the API key is not valid")
-    return key_fingerprint(token)
+    return found
+
+
+CallerInfo = Annotated[Caller, Depends(authenticate)]
+
+
+def require(scope: Scope) -> Callable[..., Awaitable[Caller]]:
+    """A dependency admitting only keys with `scope` (admin keys have every scope)."""
+
+    async def check(request: Request, who: CallerInfo) -> Caller:
+        if not who.may(scope):
+            raise PermissionDenied(
+                f"the key {who.name!r} may not do this: it needs the {scope.value!r} scope"
+            )
+        request.state.caller = who.name
+        return who
+
+    return check
+
+
+def caller(who: CallerInfo) -> str:
+    """The owner of the jobs and files a call creates or may see."""
+    return who.fingerprint
 
 
 CallerDep = Annotated[str, Depends(caller)]

@@ -11,10 +11,11 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
 from redis.exceptions import RedisError
 
-from api.auth import caller
+from api.auth import require
 from api.bulk import BulkCoordinator
 from api.dispatch import Dispatcher, DispatchPolicy
-from api.errors import install_error_handlers
+from api.body_guard import BodyGuard
+from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.job_sweeper import JobSweeper
 from api.jobs import JobQueue
 from api.launcher import ModelLauncher
@@ -42,6 +43,7 @@ from app.jobs.bulk_store import BulkStore
 from app.jobs.files import FileStore
 from app.jobs.migrate import schema_problem
 from app.jobs.store import JobStore
+from app.keyring import KeyRing, Scope
 from app.keys import KeySpace
 from app.registry import Registry, load_registry
 from app.settings import Settings, get_settings
@@ -77,6 +79,7 @@ async def _refresh_launched(services: Services) -> None:
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     settings = settings or get_settings()
     registry = registry or load_registry(settings.registry)
+    keyring = KeyRing.load(settings.api_keys, settings.api_keys_file)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -94,6 +97,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         )
         dispatcher = Dispatcher(celery, router, client, keys, policy)
         services = Services(settings, registry, keys, client, router, dispatcher)
+        services.keyring = keyring
         services.launcher = ModelLauncher(client, keys, registry, celery)
         refresher = asyncio.create_task(_refresh_launched(services))
         sweepers: list[JobSweeper] = []
@@ -130,12 +134,25 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     app = FastAPI(title="inferq", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(
+        BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     install_metrics(app)
     app.include_router(health.router)
     app.include_router(ui.router)  # the cluster web page; its script sends the API key
     app.include_router(metrics_router)  # no API key, like /health (see its route)
-    # Every /v1 route needs an API key when keys are configured.
-    authenticated = [Depends(caller)]
-    for module in (models, cluster, embeddings, rerank, chat, jobs, files, batches, corpus):
-        app.include_router(module.router, dependencies=authenticated)
+    # Every /v1 route needs an API key with the route's scope when keys are configured;
+    # launching and terminating models (in the models router) need admin.
+    scoped = {
+        Scope.inference: (models, embeddings, rerank, chat),
+        Scope.jobs: (jobs, files, batches, corpus),
+        Scope.admin: (cluster,),
+    }
+    for scope, modules in scoped.items():
+        for module in modules:
+            app.include_router(
+                module.router,
+                dependencies=[Depends(require(scope))],
+                responses=ERROR_RESPONSES,
+            )
     return app

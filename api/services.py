@@ -22,6 +22,7 @@ from api.results import ResultRouter
 from app.errors import BackendUnavailable, InvalidRequest, ModelNotFound
 from app.jobs.bulk_store import BulkStore
 from app.jobs.files import FileStore
+from app.keyring import KeyRing
 from app.keys import KeySpace
 from app.prompt_size import PromptSizer, sizer_for
 from app.registry import ModelSpec, Registry
@@ -49,6 +50,7 @@ class Services:
     dispatcher: Dispatcher
     # Async jobs need the job database; the sync API does not, so it serves without
     # one and the job routes answer 503 with what to do until `open_jobs` succeeds.
+    keyring: KeyRing = field(default_factory=lambda: KeyRing([]))
     launcher: ModelLauncher | None = None
     #: Models launched on nodes (POST /v1/models), refreshed from Redis every second.
     launched: dict[str, ModelSpec] = field(default_factory=dict)

@@ -157,10 +157,37 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def open_bind_problem(settings: Settings, host: str) -> str | None:
+    """Why the API must not listen on `host` as configured, or None.
+
+    A server reachable from the network without keys would let anyone run the
+    models and launch or terminate them; that takes an explicit setting.
+    """
+    from app.keyring import KeyFileError, KeyRing
+
+    try:
+        keyring = KeyRing.load(settings.api_keys, settings.api_keys_file)
+    except KeyFileError as exc:
+        return str(exc)
+    if keyring.open and host not in LOOPBACK and not settings.allow_unauthenticated:
+        return (
+            f"refusing to serve the API on {host} without API keys: set INFERQ_API_KEYS or "
+            "INFERQ_API_KEYS_FILE, or INFERQ_ALLOW_UNAUTHENTICATED=true to serve it open"
+        )
+    return None
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.require_redis_url()
     _registry_or_exit(settings)
+    problem = open_bind_problem(settings, args.host or settings.api_host)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     argv = [
         sys.executable,
         "-m",
@@ -199,6 +226,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     registry = _registry_or_exit(settings)
+    problem = open_bind_problem(settings, args.host or settings.api_host)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
     extra: dict[str, str] = {}
@@ -387,7 +418,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.require_redis_url()
     address = args.address or settings.flower_address
-    if not settings.flower_basic_auth and address not in ("127.0.0.1", "localhost", "::1"):
+    if not settings.flower_basic_auth and address not in LOOPBACK:
         print(
             f"refusing to serve Flower on {address} without a login: set "
             "INFERQ_FLOWER_BASIC_AUTH=user:password",

@@ -51,6 +51,19 @@ class Settings(BaseSettings):
     # Request limits, refused before anything is queued.
     max_inputs_per_request: int = Field(default=2048, gt=0)
     max_input_chars: int = Field(default=50_000, gt=0)
+    max_body_bytes: int = Field(
+        default=8 * 1024**2,
+        gt=0,
+        description="Largest JSON request body; a larger one is refused with 413 as soon as "
+        "its bytes pass this (uploads to /v1/files have max_upload_bytes instead).",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A request body must arrive within this long of its headers, or the "
+        "request is answered 408 and its connection closed (slow or stalled clients); "
+        "for uploads, the longest wait for the next chunk.",
+    )
 
     # Workers.
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
@@ -116,6 +129,13 @@ class Settings(BaseSettings):
     # API keys. Empty means no authentication; with keys, every /v1 call needs one and
     # jobs are visible only to the key that submitted them.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = Field(
+        default=None, description="YAML file of named keys with scopes (app/keyring.py)."
+    )
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="Let the API listen on a non-loopback address with no keys configured.",
+    )
 
     stream_coalesce_ms: float = Field(
         default=20.0,

@@ -97,10 +97,12 @@ def wait_http(url: str, proc: Proc, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def start_api(env: dict[str, str], log_dir: Path) -> tuple[Proc, str]:
+def start_api(
+    env: dict[str, str], log_dir: Path, host: str = "127.0.0.1", loglevel: str = "warning"
+) -> tuple[Proc, str]:
     port = free_port()
-    argv = [sys.executable, "-m", "app", "api", "--port", str(port), "--loglevel", "warning"]
-    proc = Proc("api", argv, env, log_dir)
+    argv = [sys.executable, "-m", "app", "api", "--host", host, "--port", str(port)]
+    proc = Proc("api", [*argv, "--loglevel", loglevel], env, log_dir)
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/health", proc)
     return proc, base

@@ -7,11 +7,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from redis.exceptions import RedisError
 
+from api.auth import require
 from api.cluster_reads import ClusterState, read_cluster
 from api.cluster_view import model_entry
 from api.launcher import ModelLauncher
 from api.services import Services, get_services
 from app.errors import BackendUnavailable, ModelNotFound
+from app.keyring import Scope
 from app.protocol.launch import LaunchRequest
 
 router = APIRouter()
@@ -53,7 +55,10 @@ async def get_model(model: str, services: ServicesDep) -> dict[str, Any]:
     return model_entry(spec, _source(services, model), state, services.started_at, detail=True)
 
 
-@router.post("/v1/models")
+ADMIN = [Depends(require(Scope.admin))]
+
+
+@router.post("/v1/models", dependencies=ADMIN)
 async def launch_model(body: LaunchRequest, services: ServicesDep) -> dict[str, Any]:
     """Place `replica` replicas on nodes with free devices; the nodes start them.
 
@@ -70,7 +75,7 @@ async def launch_model(body: LaunchRequest, services: ServicesDep) -> dict[str, 
     return entry
 
 
-@router.delete("/v1/models/{model}")
+@router.delete("/v1/models/{model}", dependencies=ADMIN)
 async def terminate_model(model: str, services: ServicesDep) -> dict[str, Any]:
     """Stop every node-launched replica of the model (workers finish in-flight work)."""
     stopped = await _launcher(services).terminate(model)
@@ -83,7 +88,7 @@ async def terminate_model(model: str, services: ServicesDep) -> dict[str, Any]:
     }
 
 
-@router.delete("/v1/models/{model}/replicas/{replica_id}")
+@router.delete("/v1/models/{model}/replicas/{replica_id}", dependencies=ADMIN)
 async def terminate_replica(model: str, replica_id: str, services: ServicesDep) -> dict[str, Any]:
     if services.find_model(model) is None:
         await services.refresh_launched()
