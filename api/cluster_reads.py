@@ -18,6 +18,7 @@ from api.jobs import KOMBU_PRIORITY_SEP, KOMBU_PRIORITY_STEPS
 from app.cluster_state import Assignment, Deployment, NodeReport
 from app.keys import KeySpace
 from app.registry import bulk_queue, model_queue
+from app.replicas import read_load_errors
 
 
 @dataclass
@@ -35,6 +36,8 @@ class ClusterState:
     deployments: dict[str, Deployment]
     #: model -> live replica infos (ReplicaInfo as dicts) with `expires` and `stats` added.
     replicas: dict[str, list[dict[str, Any]]]
+    #: model -> its engine's recent load failure ({reason, time, host, node, pid}).
+    load_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def assignments(self) -> list[Assignment]:
         return [a for node in self.nodes.values() for a in node.assignments]
@@ -119,7 +122,8 @@ async def read_cluster(
             if assignment.uid not in models:
                 models.append(assignment.uid)
     replicas = await read_replicas(client, keys, models)
-    return ClusterState(nodes, deployments, replicas)
+    load_errors = await read_load_errors(client, keys, models)
+    return ClusterState(nodes, deployments, replicas, load_errors)
 
 
 async def queue_depths(

@@ -68,6 +68,13 @@ def registry_entry(spec: ModelSpec, assignments: list[Assignment]) -> dict[str, 
     return entry
 
 
+def _load_error(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A worker's last failure to load the model's engine, if recent (it expires)."""
+    if record is None:
+        return None
+    return {k: record.get(k) for k in ("reason", "time", "host", "node")}
+
+
 def model_entry(
     spec: ModelSpec,
     source: str,
@@ -93,6 +100,7 @@ def model_entry(
         "launched": spec.name in state.deployments,
         "replicas_alive": alive,
         "replicas_wanted": wanted,
+        "load_error": _load_error(state.load_errors.get(spec.name)),
     }
     if detail:
         processes = _processes(state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import Depends, Header
@@ -11,20 +12,27 @@ from app.errors import InvalidRequest
 
 TIMEOUT_HEADER = "X-Inferq-Timeout"
 REPLICA_HEADER = "X-Inferq-Replica"
+#: The timeout header's seconds, as a plain decimal number above zero: `30`, `2.5`.
+TIMEOUT_PATTERN = r"^([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)$"
 
 
 def request_timeout(
     services: Annotated[Services, Depends(get_services)],
-    x_inferq_timeout: Annotated[str | None, Header()] = None,
+    x_inferq_timeout: Annotated[
+        str | None,
+        Header(
+            description="Seconds this request may take, at most the server's own timeout.",
+            json_schema_extra={"pattern": TIMEOUT_PATTERN},
+        ),
+    ] = None,
 ) -> float:
     """The caller may shorten the server's timeout (never lengthen it) with a header."""
     limit = services.settings.request_timeout_s
     if x_inferq_timeout is None:
         return limit
-    try:
-        value = float(x_inferq_timeout)
-    except ValueError:
-        raise InvalidRequest(f"{TIMEOUT_HEADER} must be a number of seconds") from None
+    if not re.fullmatch(TIMEOUT_PATTERN, x_inferq_timeout.strip()):
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be a number of seconds")
+    value = float(x_inferq_timeout)
     if not 0 < value < float("inf"):
         raise InvalidRequest(f"{TIMEOUT_HEADER} must be positive")
     return min(value, limit)

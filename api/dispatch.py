@@ -10,6 +10,10 @@ queue is empty was lost in that gap, and is queued again under the same
 request id; duplicates are harmless, the first answer wins. Once a stream has
 started, only the replica that accepted it may continue it: if that replica
 dies the stream ends with an error rather than restarting elsewhere.
+
+When the result channel's connection to Redis breaks, replies published
+meanwhile are lost: a waiting request is queued again once the channel is back
+(within a second), and answered 503 at once if it is not, or if it streams.
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ from app.errors import (
 )
 from app.keys import KeySpace
 from app.registry import ModelSpec
-from app.replicas import count_alive
+from app.replicas import count_alive, describe_load_error, parse_load_error
+
+#: How long a request waits for the result channel to come back (after its
+#: connection to Redis dropped) before it is answered 503.
+LOST_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,9 @@ class Exchange:
             except TimeoutError:
                 await self._check_progress()
                 continue
+            if "lost" in reply:
+                await self._resend_after_loss()
+                continue
             if "accepted" in reply:
                 if self.accepted_by is None:
                     self.accepted_by = str(reply.get("replica_id") or reply["accepted"])
@@ -127,7 +138,9 @@ class Exchange:
             self.last_send = time.monotonic()
             return
         if await dispatcher.alive(self.spec.name) == 0:
-            raise ModelUnavailable(f"model {self.spec.name!r} lost its last live replica")
+            raise await dispatcher.unavailable(
+                self.spec, f"model {self.spec.name!r} lost its last live replica"
+            )
         if (
             self.resends < policy.max_resends
             and time.monotonic() - self.last_send >= policy.resend_after
@@ -135,6 +148,19 @@ class Exchange:
         ):
             self.resends += 1
             await dispatcher.send(self)
+
+    async def _resend_after_loss(self) -> None:
+        """The result channel dropped: this request's reply may have gone with it."""
+        dispatcher, policy = self.dispatcher, self.dispatcher.policy
+        if self.streaming:
+            raise BackendUnavailable("the connection to Redis broke while this reply was streaming")
+        if self.resends >= policy.max_resends or not await dispatcher.router.wait_ready(
+            min(LOST_WAIT_S, max(0.0, self.deadline - time.time()))
+        ):
+            raise BackendUnavailable("the connection to Redis broke while this request waited")
+        self.resends += 1
+        self.accepted_by = None
+        await dispatcher.send(self)
 
     async def result(self) -> Outcome:
         final: dict[str, Any] = {}
@@ -178,6 +204,17 @@ class Dispatcher:
         self._alive_cache[model] = (now, count)
         return count
 
+    async def unavailable(self, spec: ModelSpec, otherwise: str) -> ModelUnavailable:
+        """The 503 for a model without a live replica: why its engine failed to load, if a
+        worker said so lately (read only here, off the path of a served request)."""
+        try:
+            record = parse_load_error(await self._client.get(self._keys.model_error(spec.name)))
+        except (RedisError, OSError):
+            record = None
+        if record is None:
+            return ModelUnavailable(otherwise)
+        return ModelUnavailable(describe_load_error(spec.name, record), code="model_load_failed")
+
     async def replica_alive(self, replica_id: str) -> bool:
         try:
             return bool(await self._client.exists(self._keys.replica_info(replica_id)))
@@ -203,12 +240,15 @@ class Dispatcher:
         streaming: bool = False,
     ) -> Exchange:
         """Check a replica lives, open the reply inbox and queue the task."""
-        if not self.router.ready:
+        # A dropped connection is back within a fraction of a second; an outage is not.
+        if not await self.router.wait_ready(LOST_WAIT_S):
             raise BackendUnavailable("the result channel is not connected to Redis")
         # A count up to half a second old is as good as a fresh one: heartbeats
         # expire in seconds, and one round trip per request is saved under load.
         if await self.alive(spec.name, max_age=0.5) == 0:
-            raise ModelUnavailable(f"model {spec.name!r} has no live replica; start a worker")
+            raise await self.unavailable(
+                spec, f"model {spec.name!r} has no live replica; start a worker"
+            )
         request_id = self.router.new_request_id()
         inbox = self.router.open_inbox(request_id)
         exchange = Exchange(self, spec, task, payload, request_id, timeout, inbox, streaming)

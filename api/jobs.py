@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+import sqlalchemy.exc
 from celery import Celery
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from api.calls import CALLS
 from app.celery_app import JOB_TASK
+from app.errors import BackendUnavailable, Overloaded
 from app.jobs.models import Job, JobStatus
 from app.jobs.store import JobStore, epoch_s
 from app.keys import KeySpace
@@ -32,6 +35,40 @@ log = logging.getLogger(__name__)
 # priority p goes to the list of the step at or below it, 0 being served first.
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 KOMBU_PRIORITY_SEP = "\x06\x16"
+
+
+#: What an unreachable job database raises through SQLAlchemy: refused or broken
+#: connections, and no pooled connection to be had in time.
+UNREACHABLE = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+)
+
+T = TypeVar("T")
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True when a job-store error says the database cannot be reached, not that a
+    statement was wrong (an invalidated connection counts as unreachable)."""
+    if isinstance(exc, UNREACHABLE):
+        return True
+    return isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated
+
+
+async def job_store_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a job-store call in a thread; an unreachable database is a 503
+    (`job_store_unavailable`) for the caller, with the detail only in the log."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        if not unreachable(exc):
+            raise
+        log.warning("the job database is unreachable: %s", exc)
+        raise BackendUnavailable(
+            "async jobs are unavailable: the job database is unreachable; try again shortly",
+            code="job_store_unavailable",
+        ) from None
 
 
 def kombu_priority(job_priority: int) -> int:
@@ -69,8 +106,30 @@ class JobQueue:
         except (OperationalError, RedisError, OSError) as exc:
             log.warning("could not queue job %s yet (%s); the sweeper retries", job.id, exc)
             return False
-        await asyncio.to_thread(self.store.mark_sent, job.id)
+        try:
+            await asyncio.to_thread(self.store.mark_sent, job.id)
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            # Queued but not marked: the sweeper may send it once more, which is harmless.
+            log.warning("could not mark job %s sent: %s", job.id, exc)
         return True
+
+    async def admit(self, model: str) -> None:
+        """Refuse (429) a job for a model whose bulk queue holds `max_queued_jobs` already.
+
+        Jobs are durable, so this bound is far above the sync one; it keeps a runaway
+        client from filling Redis' memory with messages no worker will reach for days.
+        """
+        limit = self._settings.max_queued_jobs
+        try:
+            depth = await self.bulk_depth(model)
+        except (RedisError, OSError):
+            return  # sending the job reports Redis being away
+        if depth >= limit:
+            raise Overloaded(
+                f"model {model!r} has {depth} jobs waiting (limit {limit}); retry later",
+                code="job_queue_full",
+                retry_after=self._settings.overload_retry_after_s,
+            )
 
     async def bulk_depth(self, model: str) -> int:
         """Messages waiting in a model's bulk queue, over all its priority lists."""

@@ -11,15 +11,16 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
 from redis.exceptions import RedisError
 
+from api.admission import InflightLimit, QueueAdmission
 from api.auth import require
 from api.bulk import BulkCoordinator
 from api.dispatch import Dispatcher, DispatchPolicy
-from api.body_guard import BodyGuard
 from api.errors import ERROR_RESPONSES, install_error_handlers
 from api.job_sweeper import JobSweeper
 from api.jobs import JobQueue
 from api.launcher import ModelLauncher
 from api.metrics import install_metrics
+from api.request_guard import RequestGuard
 from api.results import ResultRouter
 from api.routes import (
     batches,
@@ -98,6 +99,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         dispatcher = Dispatcher(celery, router, client, keys, policy)
         services = Services(settings, registry, keys, client, router, dispatcher)
         services.keyring = keyring
+        services.admission = QueueAdmission(client, keys, settings)
         services.launcher = ModelLauncher(client, keys, registry, celery)
         refresher = asyncio.create_task(_refresh_launched(services))
         sweepers: list[JobSweeper] = []
@@ -135,7 +137,12 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app = FastAPI(title="inferq", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(
-        BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+        InflightLimit,
+        limit=settings.max_inflight_requests,
+        retry_after_s=settings.overload_retry_after_s,
+    )
+    app.add_middleware(
+        RequestGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
     install_metrics(app)
     app.include_router(health.router)

@@ -4,6 +4,12 @@ Each API process pattern-subscribes once to `result:<instance>.*` and request
 ids are `<instance>.<uuid>`, so a reply channel is live before any task is
 queued (no per-request SUBSCRIBE round trip, no race with a fast worker), and
 a reply that arrives after its request gave up finds no inbox and is dropped.
+
+A reply published while the subscription is down is lost, so when the
+connection to Redis breaks every open inbox is told (`{"lost": True}`), and
+its request is queued again or answered 503 at once instead of waiting out its
+timeout (api/dispatch.py). The subscription has a connection of its own that
+never retries behind the router's back, so no break goes unnoticed.
 """
 
 from __future__ import annotations
@@ -16,16 +22,37 @@ import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from app.keys import KeySpace
 
 log = logging.getLogger(__name__)
 
+#: What an inbox receives when replies may have been lost with the connection.
+LOST: dict[str, Any] = {"lost": True}
+
+#: Longest wait between attempts to subscribe again.
+MAX_BACKOFF_S = 1.0
+
+
+#: The name the subscription's connection goes by in Redis's CLIENT LIST.
+CLIENT_NAME = "inferq-result-router"
+
+
+def _without_retries(client: aioredis.Redis) -> aioredis.Redis:
+    """A client to the same server whose connections never retry or reconnect silently."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0), "client_name": CLIENT_NAME}
+    return aioredis.Redis(
+        connection_pool=aioredis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    )
+
 
 class ResultRouter:
     def __init__(self, client: aioredis.Redis, keys: KeySpace) -> None:
-        self._client = client
+        self._client = _without_retries(client)
         self.instance = uuid.uuid4().hex[:12]
         self._pattern = keys.result_channel(f"{self.instance}.*")
         self._prefix = keys.result_channel("")
@@ -47,6 +74,15 @@ class ResultRouter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """True once replies can be received, False if not within `timeout` seconds."""
+        if not self.ready:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), max(0.0, timeout))
+        return self.ready
 
     def new_request_id(self) -> str:
         return f"{self.instance}.{uuid.uuid4().hex}"
@@ -68,6 +104,8 @@ class ResultRouter:
                 async for message in pubsub.listen():
                     kind = message.get("type")
                     if kind == "psubscribe":
+                        if self._ready.is_set():  # subscribed again: the connection broke
+                            self._lost()
                         self._ready.set()
                         backoff = 0.1
                     elif kind == "pmessage":
@@ -80,11 +118,17 @@ class ResultRouter:
             except (RedisError, OSError) as exc:
                 if self._ready.is_set():
                     log.warning("result channel lost (%s); reconnecting", exc)
-                self._ready.clear()
+                    self._ready.clear()
+                    self._lost()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def _lost(self) -> None:
+        """Replies published while the subscription was down never arrive: say so."""
+        for inbox in self._inboxes.values():
+            inbox.put_nowait(LOST)
 
     def _deliver(self, channel: bytes | str, data: bytes | str) -> None:
         name = channel.decode() if isinstance(channel, bytes) else channel

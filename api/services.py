@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from fastapi import Request
 
 if TYPE_CHECKING:
+    from api.admission import QueueAdmission
     from api.bulk import BulkCoordinator
     from api.launcher import ModelLauncher
 
@@ -52,6 +53,7 @@ class Services:
     # one and the job routes answer 503 with what to do until `open_jobs` succeeds.
     keyring: KeyRing = field(default_factory=lambda: KeyRing([]))
     launcher: ModelLauncher | None = None
+    admission: QueueAdmission | None = None
     #: Models launched on nodes (POST /v1/models), refreshed from Redis every second.
     launched: dict[str, ModelSpec] = field(default_factory=dict)
     open_jobs: Callable[[], tuple[JobQueue, BulkServices]] | None = None
@@ -97,6 +99,11 @@ class Services:
         self.require_jobs()
         assert self.bulk is not None
         return self.bulk
+
+    async def admit(self, spec: ModelSpec) -> None:
+        """Refuse (429) a sync request for a model whose queue is full."""
+        if self.admission is not None:
+            await self.admission.admit(spec)
 
     def model_names(self) -> list[str]:
         """Registry models, then launched ones: every name a request may use."""

@@ -30,6 +30,9 @@ def _is_internal(address: str) -> bool:
 
 def check_webhook_url(url: str, allow_internal: bool) -> str:
     """Refuse at submit time what can never be delivered; returns the URL unchanged."""
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        # RFC 3986 has no place for them; a NUL could not even be stored (PostgreSQL).
+        raise InvalidRequest("webhook URL holds a space or a control character", param="webhook")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequest("webhook must be an http or https URL", param="webhook")

@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 
 from app.keys import KeySpace
-from app.registry import model_queue
+from app.registry import bulk_queue, model_queue
 from app.settings import Settings
 
 EMBEDDINGS_TASK = "inferq.embeddings"
@@ -25,8 +25,11 @@ CORPUS_SHARD = "inferq.corpus_shard"
 def route_by_model(
     name: str, args: Any, kwargs: dict[str, Any] | None, options: dict[str, Any], **_: Any
 ) -> dict[str, str] | None:
-    """Every inference task goes to its model's queue, `model.<name>`."""
+    """Sync inference tasks go to their model's queue, `model.<name>`; async jobs to its
+    bulk queue, `model.<name>.bulk`, which workers serve only while the first is empty."""
     model = (kwargs or {}).get("model")
+    if name == JOB_TASK and model:
+        return {"queue": bulk_queue(model)}
     if name.startswith("inferq.") and model:
         return {"queue": model_queue(model)}
     return None

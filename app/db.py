@@ -17,6 +17,17 @@ from app.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+#: libpq's settings (psycopg 3 and psycopg2) for a database that goes away: give up
+#: connecting after a few seconds (the job routes answer 503 meanwhile), and notice
+#: a pooled connection to a vanished server through TCP keepalives.
+LIBPQ_CONNECT_ARGS = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
@@ -41,7 +52,17 @@ def create_db_engine(url: str) -> Engine:
 
         return engine
     # Connections are checked before use: a PostgreSQL restart must not cost a request.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    driver = make_url(url).get_driver_name()
+    connect_args = LIBPQ_CONNECT_ARGS if driver in ("psycopg", "psycopg2") else {}
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=10,
+        # A request waits this long for a pooled connection, then gets its 503.
+        pool_timeout=10,
+        connect_args=connect_args,
+    )
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

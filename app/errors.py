@@ -80,6 +80,14 @@ class PayloadTooLarge(InferqError):
     default_code = "payload_too_large"
 
 
+class BodyTimedOut(InferqError):
+    """The request's body did not arrive in time (a stalled or trickling client)."""
+
+    status = 408
+    type = "invalid_request_error"
+    default_code = "body_timeout"
+
+
 class PermissionDenied(InferqError):
     status = 403
     type = "permission_error"
@@ -140,6 +148,7 @@ ERROR_KINDS: dict[str, type[InferqError]] = {
         ModelNotFound,
         Conflict,
         PayloadTooLarge,
+        BodyTimedOut,
         Overloaded,
         ModelUnavailable,
         BackendUnavailable,

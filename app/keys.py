@@ -21,6 +21,15 @@ class KeySpace:
         """Set when a caller gives up (disconnect, timeout): workers stop or skip the work."""
         return f"{self.prefix}:cancel:{request_id}"
 
+    def answered(self, request_id: str) -> str:
+        """Set with a request's final reply: a redelivered copy of it is skipped."""
+        return f"{self.prefix}:answered:{request_id}"
+
+    def request_claim(self, request_id: str) -> str:
+        """The replica running a sync request; another delivery of it runs only if that
+        replica has died."""
+        return f"{self.prefix}:claim:{request_id}"
+
     def replicas(self, model: str) -> str:
         """Sorted set of a model's replica ids, scored by heartbeat expiry (epoch seconds)."""
         return f"{self.prefix}:replicas:{model}"
@@ -39,6 +48,15 @@ class KeySpace:
     def unacked_index(self) -> str:
         """kombu's sorted set of unacknowledged deliveries, scored by delivery time."""
         return f"{self.broker_prefix}unacked_index"
+
+    @property
+    def unacked(self) -> str:
+        """kombu's hash of the unacknowledged messages themselves, by delivery tag."""
+        return f"{self.broker_prefix}unacked"
+
+    def model_error(self, model: str) -> str:
+        """Why the model's engine last failed to load (JSON, expires): set by the worker."""
+        return f"{self.prefix}:model-error:{model}"
 
     # Cluster operations: nodes and the models launched on them (app/cluster_state.py).
     @property

@@ -26,11 +26,13 @@ import redis
 from app.cluster_state import (
     MAX_NODE_EVENTS,
     Assignment,
+    Deployment,
     NodeReport,
     WorkerProcess,
     node_event,
 )
 from app.keys import KeySpace
+from app.replicas import parse_load_error
 from app.settings import Settings
 from app.supervisor import die_with_parent
 
@@ -101,6 +103,7 @@ class NodeAgent:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inferq-node", daemon=True)
         self._last_reconcile = 0.0
+        self._redis_run_id: str | None = None
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -128,7 +131,11 @@ class NodeAgent:
                     self._wake.clear()
                     if woken or now - self._last_reconcile >= self.settings.node_reconcile_s:
                         self._last_reconcile = now
-                        self.reconcile(self.desired())
+                        restarted = self._redis_restarted()
+                        wanted = self.desired()
+                        if restarted and not wanted:
+                            wanted = self._restore_desired()
+                        self.reconcile(wanted)
                     self.tend()
                     self.heartbeat()
                 except redis.RedisError as exc:
@@ -152,6 +159,39 @@ class NodeAgent:
                 continue
             wanted[assignment.assignment_id] = assignment
         return wanted
+
+    def _redis_restarted(self) -> bool:
+        """True once after each restart of the Redis server (its run_id changes)."""
+        run_id = str(self.client.info("server").get("run_id", ""))
+        before, self._redis_run_id = self._redis_run_id, run_id
+        return before is not None and run_id != before
+
+    def _restore_desired(self) -> dict[str, Assignment]:
+        """Redis came back without its data (no persistence): what this node was asked to
+        run is what it runs, so write that back rather than stop every worker. The
+        launched models' specs come back with it, so the API routes them again."""
+        kept = {i: m.assignment for i, m in self.workers.items() if m.state != "stopping"}
+        if not kept:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for assignment in kept.values():
+            pipe.hset(
+                self.keys.node_assignments(self.name),
+                assignment.assignment_id,
+                assignment.to_json(),
+            )
+            deployment = Deployment(assignment.uid, assignment.spec, assignment.created)
+            pipe.hsetnx(self.keys.deployments, assignment.uid, deployment.to_json())
+        pipe.execute()
+        log.warning(
+            "Redis restarted without node %s's assignments; restored the %d it runs",
+            self.name,
+            len(kept),
+        )
+        for managed in self.workers.values():
+            if managed.assignment.assignment_id in kept:
+                self._event(managed, "restored", "Redis restarted empty; assignment written back")
+        return kept
 
     def reconcile(self, wanted: dict[str, Assignment]) -> None:
         for assignment_id, managed in list(self.workers.items()):
@@ -217,10 +257,13 @@ class NodeAgent:
         managed.state = "restarting"
         managed.next_start = now + delay
         managed.since = time.time()
+        why = self._load_failure(managed)
         self._event(
             managed,
             "crashed",
-            f"{self._exit_text(managed)} after {ran:.1f}s; restarting in {delay:.0f}s",
+            f"{self._exit_text(managed)} after {ran:.1f}s"
+            + (f": the model failed to load: {why}" if why else "")
+            + f"; restarting in {delay:.0f}s",
         )
         log.warning(
             "worker %s for %s exited (%s); restarting in %.0fs",
@@ -229,6 +272,17 @@ class NodeAgent:
             managed.last_exit_code,
             delay,
         )
+
+    def _load_failure(self, managed: ManagedWorker) -> str | None:
+        """The reason this very process left for failing to load its engine, if it did."""
+        try:
+            raw = self.client.get(self.keys.model_error(managed.assignment.uid))
+        except redis.RedisError:
+            return None
+        record = parse_load_error(raw)
+        if record is None or managed.process is None or record.get("pid") != managed.process.pid:
+            return None
+        return str(record["reason"])
 
     @staticmethod
     def _exit_text(managed: ManagedWorker) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from app.errors import InvalidRequest
 from app.protocol.chat import GenerationTask
 from app.registry import ModelSpec
 
@@ -33,9 +34,16 @@ class PromptSizer:
                 self._vocab = Llama(str(self.spec.resolved_path()), vocab_only=True, verbose=False)
                 self._template = chat_template(self._vocab)
             if task.messages is not None:
-                formatted = self._template(
-                    messages=task.messages, **(task.chat_template_kwargs or {})
-                )
+                try:
+                    formatted = self._template(
+                        messages=task.messages, **(task.chat_template_kwargs or {})
+                    )
+                except Exception as exc:  # the template's raise_exception, a Jinja error
+                    raise InvalidRequest(
+                        f"the model's chat template cannot render these messages: {exc}",
+                        param="messages",
+                        code="chat_template_error",
+                    ) from None
                 return len(
                     self._vocab.tokenize(
                         formatted.prompt.encode("utf-8"),

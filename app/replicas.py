@@ -122,3 +122,45 @@ async def alive_replicas(
         [keys.replica_info(i.decode() if isinstance(i, bytes) else i) for i in ids]
     )
     return [json.loads(r) for r in raw if r]
+
+
+#: How long a load failure is remembered: a worker that keeps failing renews it on every
+#: attempt, and a model that was fixed (or given up on) is not blamed for ever.
+LOAD_ERROR_TTL_S = 300
+#: The longest reason kept: enough for an exception's message, not a whole traceback.
+LOAD_ERROR_MAX_CHARS = 1000
+
+
+def load_error_record(reason: str, host: str, node: str, pid: int) -> str:
+    """What a worker whose engine failed to load leaves in Redis (`keys.model_error`)."""
+    record = {"reason": reason[:LOAD_ERROR_MAX_CHARS], "host": host, "node": node, "pid": pid}
+    return json.dumps({**record, "time": time.time()})
+
+
+def parse_load_error(raw: bytes | str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("reason") else None
+
+
+def describe_load_error(model: str, record: dict[str, Any]) -> str:
+    """`model 'x' failed to load on host h (node n): <reason>`: what clients are told."""
+    where = f"host {record.get('host') or '?'}"
+    if record.get("node"):
+        where += f" (node {record['node']})"
+    return f"model {model!r} failed to load on {where}: {record['reason']}"
+
+
+async def read_load_errors(
+    client: aioredis.Redis, keys: KeySpace, models: list[str]
+) -> dict[str, dict[str, Any]]:
+    """The recent load failure of each model that has one."""
+    if not models:
+        return {}
+    raw = await client.mget([keys.model_error(m) for m in models])
+    found = {model: parse_load_error(value) for model, value in zip(models, raw, strict=True)}
+    return {model: record for model, record in found.items() if record}

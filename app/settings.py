@@ -48,6 +48,18 @@ class Settings(BaseSettings):
     )
     max_resends: int = Field(default=3, ge=0)
 
+    # Backpressure: beyond these, 429 with Retry-After (api/admission.py).
+    max_queue_depth: int = Field(
+        default=2000, gt=0, description="Requests waiting in one model's interactive queue."
+    )
+    max_inflight_requests: int = Field(
+        default=1024, gt=0, description="Sync requests in flight in one API process."
+    )
+    max_queued_jobs: int = Field(
+        default=200_000, gt=0, description="Async jobs waiting in one model's bulk queue."
+    )
+    overload_retry_after_s: float = Field(default=2.0, gt=0)
+
     # Request limits, refused before anything is queued.
     max_inputs_per_request: int = Field(default=2048, gt=0)
     max_input_chars: int = Field(default=50_000, gt=0)

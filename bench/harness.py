@@ -49,6 +49,8 @@ class Deployment:
     """Redis (the machine's, or an embedded one), an API process, workers on demand."""
 
     registry_yaml: str
+    #: INFERQ_* settings of this deployment's processes, beyond the defaults.
+    settings: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     base_url: str = ""
@@ -76,6 +78,7 @@ class Deployment:
                 "INFERQ_REGISTRY": str(tmp / "registry.yaml"),
                 "INFERQ_DATA_DIR": str(tmp / "data"),
                 "HF_HUB_OFFLINE": "1",
+                **self.settings,
             }
         )
         self.env = env

@@ -57,6 +57,10 @@ models:
     engine: cross_encoder
     path: {{tiny_cross_encoder}}
     options: {{batch_size: 8}}
+  - name: broken-model  # its engine cannot load: tests/test_faults.py
+    kind: embedding
+    engine: sentence_transformers
+    path: /nonexistent/model
 """
 
 

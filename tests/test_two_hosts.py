@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 MODEL = "minilm-far"
+API_KEY = "two-hosts-api-key"
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,8 @@ def test_a_request_crosses_the_network_and_503_while_the_link_is_cut(
             "INFERQ_NODE_HEARTBEAT_TTL_S": "3",
             "INFERQ_NODE_RECONCILE_S": "1",
             "INFERQ_REQUEST_TIMEOUT_S": "20",
+            # The API listens on a network address, so it must have keys.
+            "INFERQ_API_KEYS": API_KEY,
             "HF_HUB_OFFLINE": "1",
         }
     )
@@ -111,7 +114,8 @@ def test_a_request_crosses_the_network_and_503_while_the_link_is_cut(
         )
         procs.append(node)
 
-        with httpx.Client(base_url=base, timeout=30) as http:
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        with httpx.Client(base_url=base, timeout=30, headers=auth) as http:
             wait_until(
                 lambda: [n["name"] for n in cluster_view(http)["nodes"]] == ["far"],
                 60,

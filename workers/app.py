@@ -20,6 +20,7 @@ sequence length, and acknowledges the whole group together.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Any
@@ -29,20 +30,34 @@ from celery import signals
 from app.celery_app import create_celery
 from app.settings import get_settings
 from workers import runtime
+from workers.broker import ResilientConsumer
 
 log = logging.getLogger("inferq.worker")
 
+
+class Consumer(ResilientConsumer):
+    """Survives a broker restart (workers/broker.py), and stops renewing the lease of a
+    message once it is settled."""
+
+    def settled(self, delivery_tag: str) -> None:
+        with contextlib.suppress(RuntimeError):
+            runtime.get_runtime().lease.release(delivery_tag)
+
+
 celery_app = create_celery(get_settings())
 celery_app.conf.include = ["workers.tasks"]
+celery_app.conf.worker_consumer = "workers.app:Consumer"
 
 
 @signals.worker_init.connect
 def _load_model(**_: Any) -> None:
     """Load the engine before the consumer starts, so no message arrives before the model."""
+    settings = get_settings()
     try:
-        runtime.load_runtime(get_settings())
-    except Exception:
+        runtime.load_runtime(settings)
+    except Exception as exc:
         log.exception("the model could not be loaded; this worker stops")
+        runtime.record_load_failure(settings, exc)
         sys.exit(3)
 
 

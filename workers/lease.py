@@ -34,6 +34,11 @@ class LeaseKeeper:
         with self._lock:
             self._tags.add(delivery_tag)
 
+    def release(self, delivery_tag: str) -> None:
+        """Stop renewing a delivery: settled, or left for the broker to hand out again."""
+        with self._lock:
+            self._tags.discard(delivery_tag)
+
     @property
     def held(self) -> int:
         with self._lock:

@@ -25,6 +25,8 @@ log = logging.getLogger("inferq.node")
 
 settings = get_settings()
 node_app = create_celery(settings)
+# A Redis restart must not stop the node, and with it every worker it runs.
+node_app.conf.worker_consumer = "workers.broker:ResilientConsumer"
 _agent: NodeAgent | None = None
 
 

@@ -27,13 +27,21 @@ from app.generation import GenerationRunner
 from app.jobs.store import JobStore
 from app.keys import KeySpace
 from app.registry import ModelKind, ModelSpec, worker_model_spec
-from app.replicas import ReplicaAnnouncer, ReplicaInfo
+from app.replicas import (
+    LOAD_ERROR_TTL_S,
+    ReplicaAnnouncer,
+    ReplicaInfo,
+    load_error_record,
+)
 from app.rerank import RerankRunner, build_rerank_runner
 from app.settings import Settings
 from app.worker_stats import TokenRate
 from workers.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
+
+#: How long a request is remembered as answered: longer than any redelivery takes.
+ANSWERED_TTL_S = 3600
 
 
 @dataclass
@@ -77,6 +85,41 @@ class WorkerRuntime:
 
     def cancelled(self, request_id: str) -> bool:
         return bool(self.client.exists(self.keys.cancel(request_id)))
+
+    def claim(self, request_id: str, deadline: float) -> str | None:
+        """None if this delivery should run; else why not: "cancelled" (the caller gave
+        up), "answered" (another delivery replied already) or "running" (another live
+        replica runs it: the broker redelivered it while its lease lapsed).
+
+        One round trip on the usual path; a copy of a request whose replica died
+        takes the claim over and runs.
+        """
+        me = self.info.replica_id
+        ttl = max(1, int(deadline - time.time()) + 60)
+        claim_key = self.keys.request_claim(request_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(self.keys.cancel(request_id))
+        pipe.exists(self.keys.answered(request_id))
+        pipe.set(claim_key, me, nx=True, ex=ttl)
+        pipe.get(claim_key)
+        cancelled, answered, claimed, holder = pipe.execute()
+        if cancelled:
+            return "cancelled"
+        if answered:
+            return "answered"
+        if claimed or holder is None or holder.decode() == me:
+            return None
+        if self.replica_alive(holder.decode()):
+            return "running"
+        self.client.set(claim_key, me, ex=ttl)  # its replica died: this copy carries on
+        return None
+
+    def publish_final(self, request_id: str, message: dict[str, Any]) -> None:
+        """The last reply, and the mark that makes later copies of the request skip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.publish(self.keys.result_channel(request_id), json.dumps(message))
+        pipe.set(self.keys.answered(request_id), 1, ex=ANSWERED_TTL_S)
+        pipe.execute()
 
     def require_embeddings(self) -> EmbeddingRunner:
         if self.embeddings is None:
@@ -133,6 +176,10 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
     log.info("loaded %s (%s) in %.1fs", spec.name, spec.engine, time.monotonic() - started)
     keys = KeySpace(settings.key_prefix)
     client = redis.Redis.from_url(settings.require_redis_url(), socket_timeout=10)
+    try:
+        client.delete(keys.model_error(spec.name))  # loaded: no longer blame the model
+    except redis.RedisError as exc:
+        log.warning("could not clear the model's last load failure: %s", exc)
     info = ReplicaInfo(
         replica_id=uuid.uuid4().hex[:12],
         model=spec.name,
@@ -163,6 +210,23 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
     )
     announcer.stats = _runtime.stats
     return _runtime
+
+
+def record_load_failure(settings: Settings, exc: BaseException) -> None:
+    """Leave why the engine failed to load where the API and the node agent look
+    (`keys.model_error`), so clients and operators see the reason, not just a 503."""
+    if not settings.worker_model or not settings.redis_url:
+        return
+    reason = str(exc) or type(exc).__name__
+    record = load_error_record(reason, socket.gethostname(), settings.worker_node, os.getpid())
+    try:
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=2
+        )
+        key = KeySpace(settings.key_prefix).model_error(settings.worker_model)
+        client.set(key, record, ex=LOAD_ERROR_TTL_S)
+    except redis.RedisError as error:
+        log.warning("could not record the load failure in Redis: %s", error)
 
 
 def get_runtime() -> WorkerRuntime:

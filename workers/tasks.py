@@ -101,13 +101,16 @@ def serve(request_id: str, model: str, deadline: float, work: Work) -> None:
     if time.time() > deadline:
         rt.count("expired")  # the caller has already had its 504: do not spend the engine
         return
-    if rt.cancelled(request_id):
-        rt.count("cancelled")  # the caller gave up while this waited in the queue
+    skip = rt.claim(request_id, deadline)
+    if skip:
+        # The caller gave up while this waited, or this is a copy of a request that
+        # another delivery answered or is running: no engine time for it.
+        rt.count("cancelled" if skip == "cancelled" else "duplicates")
         return
     rt.count("received")
     rt.publish(request_id, {"accepted": rt.info.label, "replica_id": rt.info.replica_id})
     message = run_guarded(rt, model, work, f"request {request_id}")
-    rt.publish(request_id, message)
+    rt.publish_final(request_id, message)
     rt.count("answered" if message["ok"] else "failed")
 
 

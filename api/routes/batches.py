@@ -17,6 +17,7 @@ from api.pages import list_page
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.jobs.models import Batch, BatchStatus
 from app.jobs.store import epoch_s, sortable_id, utcnow
+from app.protocol.values import StoredText
 
 router = APIRouter()
 
@@ -27,7 +28,7 @@ OPEN = (BatchStatus.validating, BatchStatus.in_progress, BatchStatus.finalizing)
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input_file_id: str
+    input_file_id: StoredText
     endpoint: str
     completion_window: str = "24h"
     metadata: dict[str, str] | None = None

@@ -26,6 +26,29 @@ from app.protocol.chat import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
 
+#: With `stream: true` the answer is Server-Sent Events rather than one JSON object;
+#: the schema describes one event (before OpenAPI 3.2, `schema` is per event).
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion; Server-Sent Events with `stream: true`",
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "data": {
+                            "type": "string",
+                            "description": "A chunk or an error object as JSON; `[DONE]` last",
+                        },
+                        "event": {"type": "string"},
+                    },
+                    "required": ["data"],
+                }
+            }
+        },
+    }
+}
+
 
 def _sse(payload: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
@@ -71,12 +94,13 @@ def _stream(events: AsyncIterator[bytes]) -> StreamingResponse:
     )
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAMED)
 async def chat_completions(
     body: ChatCompletionRequest, services: ServicesDep, timeout: TimeoutDep
 ) -> Any:
     call = await prepare_chat(body, services)
     spec = call.spec
+    await services.admit(spec)
     exchange = await services.dispatcher.start(
         spec, call.task, call.payload, timeout, streaming=body.stream
     )
@@ -118,10 +142,11 @@ async def chat_completions(
     return _stream(_relay(services, exchange, head, piece, tail))
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAMED)
 async def completions(body: CompletionRequest, services: ServicesDep, timeout: TimeoutDep) -> Any:
     call = await prepare_completion(body, services)
     spec = call.spec
+    await services.admit(spec)
     exchange = await services.dispatcher.start(
         spec, call.task, call.payload, timeout, streaming=body.stream
     )

@@ -18,6 +18,7 @@ from app.errors import Conflict, InvalidRequest, NotFound
 from app.jobs.corpus import input_format_of
 from app.jobs.models import CorpusJob, CorpusStatus, JobStatus
 from app.jobs.store import epoch_s, sortable_id, utcnow
+from app.protocol.values import StoredText, stored_text
 
 router = APIRouter()
 
@@ -27,10 +28,10 @@ OPEN = (CorpusStatus.validating, CorpusStatus.in_progress, CorpusStatus.assembli
 class CorpusCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    file_id: str
+    file_id: StoredText
     model: str
-    text_field: str | None = None
-    id_field: str | None = None
+    text_field: stored_text(max_length=255) | None = None
+    id_field: stored_text(max_length=255) | None = None
     input_format: Literal["jsonl", "csv", "parquet", "text"] | None = None
     output_format: Literal["jsonl", "parquet", "npy"] = "jsonl"
     shard_size: int | None = Field(default=None, gt=0, le=100_000)

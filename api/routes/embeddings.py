@@ -15,6 +15,7 @@ async def create_embeddings(
     body: EmbeddingRequest, services: ServicesDep, timeout: TimeoutDep
 ) -> JSONResponse:
     call = await prepare_embeddings(body, services)
+    await services.admit(call.spec)
     outcome = await services.dispatcher.call(call.spec, call.task, call.payload, timeout)
     payload = render_embeddings(body, call.spec.name, outcome.result, outcome.request_id, now_s())
     return JSONResponse(payload, headers={REPLICA_HEADER: payload["inferq"]["replica"]})

@@ -20,6 +20,7 @@ router = APIRouter()
 
 UPLOAD_PURPOSES = ("batch", "corpus")
 CHUNK = 1024 * 1024
+MAX_FILENAME = 512
 
 
 def file_object(record: FileRecord) -> dict[str, Any]:
@@ -57,6 +58,12 @@ async def _multipart_file(request: Request, limit: int) -> tuple[str, str, Async
         raise InvalidRequest(f"purpose must be one of {list(UPLOAD_PURPOSES)}", param="purpose")
     if upload is None or isinstance(upload, str):
         raise InvalidRequest("the `file` part is missing", param="file")
+    name = upload.filename or ""
+    if "\x00" in name or len(name) > MAX_FILENAME:  # the job store could not hold it
+        raise InvalidRequest(
+            f"the file's name holds a NUL or is longer than {MAX_FILENAME} characters",
+            param="file",
+        )
 
     async def chunks() -> AsyncIterator[bytes]:
         try:

@@ -18,7 +18,10 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    responses={503: {"description": "Not ready; the body names what is missing"}},
+)
 async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONResponse:
     """Ready when Redis answers, replies can be received, and every model has a replica."""
     body: dict[str, Any] = {"redis": False, "results": services.router.ready, "models": {}}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
@@ -12,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api.auth import CallerDep
 from api.calls import CALLS
 from api.deps import ServicesDep
+from api.jobs import job_store_call
 from api.pages import list_page
 from api.webhooks import check_webhook_url
 from app.errors import Conflict, InvalidRequest, NotFound
@@ -72,6 +72,7 @@ async def create_job(
             "Idempotency-Key must hold 1 to 255 characters", param="Idempotency-Key"
         )
     jobs = services.require_jobs()
+    await jobs.admit(prepared.spec.name)
     new = NewJob(
         owner=owner,
         endpoint=call.path,
@@ -85,7 +86,7 @@ async def create_job(
         webhook_url=submit.webhook,
         ttl_s=services.settings.job_queue_ttl_s,
     )
-    job, created = await asyncio.to_thread(jobs.store.create, new)
+    job, created = await job_store_call(jobs.store.create, new)
     if created:
         await jobs.send(job)
     headers = {} if created else {"Idempotent-Replayed": "true"}
@@ -95,7 +96,7 @@ async def create_job(
 @router.get("/v1/jobs/{job_id}")
 async def get_job(job_id: str, services: ServicesDep, owner: CallerDep) -> JSONResponse:
     jobs = services.require_jobs()
-    job = await asyncio.to_thread(jobs.store.get, job_id, owner)
+    job = await job_store_call(jobs.store.get, job_id, owner)
     if job is None:
         raise NotFound(f"no job {job_id!r}", param="job_id")
     return JSONResponse(jobs.view(job))
@@ -115,7 +116,7 @@ async def list_jobs(
             f"status must be one of {[s.value for s in JobStatus]}", param="status"
         )
     jobs = services.require_jobs()
-    page, more = await asyncio.to_thread(
+    page, more = await job_store_call(
         jobs.store.list, owner, status=status, model=model, limit=limit, after=after
     )
     data = [jobs.view(job) for job in page]
@@ -125,7 +126,7 @@ async def list_jobs(
 @router.post("/v1/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, services: ServicesDep, owner: CallerDep) -> JSONResponse:
     jobs = services.require_jobs()
-    job, before = await asyncio.to_thread(jobs.store.cancel, job_id, owner)
+    job, before = await job_store_call(jobs.store.cancel, job_id, owner)
     if job is None:
         raise NotFound(f"no job {job_id!r}", param="job_id")
     if before == JobStatus.running:

@@ -13,6 +13,7 @@ router = APIRouter()
 @router.post("/v1/rerank")
 async def rerank(body: RerankRequest, services: ServicesDep, timeout: TimeoutDep) -> JSONResponse:
     call = await prepare_rerank(body, services)
+    await services.admit(call.spec)
     outcome = await services.dispatcher.call(call.spec, call.task, call.payload, timeout)
     payload = render_rerank(body, call.spec.name, outcome.result, outcome.request_id, now_s())
     return JSONResponse(payload, headers={REPLICA_HEADER: payload["meta"]["replica"]})

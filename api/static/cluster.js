@@ -190,7 +190,8 @@
     const showAll = $("show-all-models").checked;
     const withWorkers = new Set(view.workers.map((w) => w.model));
     return view.models.filter(
-      (m) => showAll || m.launched || m.replicas_alive > 0 || withWorkers.has(m.id),
+      (m) =>
+        showAll || m.launched || m.replicas_alive > 0 || m.load_error || withWorkers.has(m.id),
     );
   }
 
@@ -231,7 +232,12 @@
             );
           })
           .join("");
-        return `<tbody data-model="${id}">${head}${rows}</tbody>`;
+        const failed = m.load_error
+          ? `<tr class="load-error" data-model="${id}"><td colspan="6" class="wrap">` +
+            `Failed to load on ${esc(m.load_error.host || "?")}: ${esc(m.load_error.reason)}` +
+            "</td></tr>"
+          : "";
+        return `<tbody data-model="${id}">${head}${failed}${rows}</tbody>`;
       })
       .join("");
     return (

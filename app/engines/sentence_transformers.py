@@ -36,12 +36,12 @@ class SentenceTransformersEngine(EmbeddingEngine):
         # No hub: a model is a local directory. Set before transformers is imported.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        path = spec.resolved_path()  # before the heavy imports: a wrong path fails at once
+        if not path.is_dir():
+            raise FileNotFoundError(f"model {spec.name!r}: directory {path} does not exist")
         import torch
         from sentence_transformers import SentenceTransformer
 
-        path = spec.resolved_path()
-        if not path.is_dir():
-            raise FileNotFoundError(f"model {spec.name!r}: directory {path} does not exist")
         device = str(spec.options.get("device", "cpu"))
         if device == "cpu":
             threads = int(spec.options.get("threads", 0)) or len(devices) or os.cpu_count() or 1

@@ -3,9 +3,18 @@ that nothing malformed reaches a worker."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from app.protocol.values import INT32_MAX, INT64_MAX, INT64_MIN
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -41,6 +50,47 @@ class ResponseFormat(BaseModel):
     type: Literal["text", "json_object"]
 
 
+#: What `stop` accepts, as the schema says it (validated by `_stop_list` below).
+STOP_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}},
+        {"type": "null"},
+    ],
+    "title": "Stop",
+}
+
+#: Names the servers pass to chat templates themselves, and apply_chat_template's own
+#: parameters: from `chat_template_kwargs` they would collide with those.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "messages",
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "documents",
+        "add_generation_prompt",
+        "continue_final_message",
+        "bos_token",
+        "eos_token",
+        "raise_exception",
+        "strftime_now",
+        "chat_template",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+
+TemplateValue = str | int | float | bool | None
+
+
 def _stop_list(value: Any) -> list[str]:
     if value is None:
         return []
@@ -56,17 +106,19 @@ def _stop_list(value: Any) -> list[str]:
 class SamplingFields(BaseModel):
     """Fields both endpoints share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
-    n: int = Field(default=1, ge=1)
+    stop: Annotated[list[str], WithJsonSchema(STOP_SCHEMA)] = Field(default_factory=list)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    n: Annotated[int, WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 1})] = Field(
+        default=1, ge=1
+    )
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
@@ -86,10 +138,24 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0, le=INT32_MAX)
     response_format: ResponseFormat | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Any] | None = None
+    #: Extra variables for the model's chat template (e.g. `enable_thinking`).
+    chat_template_kwargs: dict[str, TemplateValue] | None = None
+    tools: Annotated[
+        list[Any] | None,
+        WithJsonSchema({"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}]}),
+    ] = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _own_template_kwargs(
+        cls, value: dict[str, TemplateValue] | None
+    ) -> dict[str, TemplateValue] | None:
+        taken = sorted(set(value or {}) & RESERVED_TEMPLATE_KWARGS)
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot be set through chat_template_kwargs")
+        return value
 
     @field_validator("tools")
     @classmethod
@@ -110,8 +176,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, gt=0)
-    echo: bool = False
+    max_tokens: int | None = Field(default=16, gt=0, le=INT32_MAX)
+    echo: Annotated[bool, WithJsonSchema({"type": "boolean", "enum": [False]})] = False
 
     @field_validator("prompt")
     @classmethod

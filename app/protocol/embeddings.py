@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+
+from app.protocol.values import INT32_MAX
 
 EmbeddingInput = str | list[int]
 
+_TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": INT32_MAX}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": _TOKEN_ID}
+
+#: What `input` accepts, as the schema says it: the four OpenAI forms, never empty.
+#: (Validated by `_normalise_input` below, which turns each into a list.)
+INPUT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+        _TOKEN_IDS,
+        {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+    ],
+    "title": "Input",
+    "description": "A string, a list of strings, a list of token ids, or a list of such lists.",
+}
+
+
+def _is_integer(value: Any) -> bool:
+    """An integer as JSON has it: `3`, or `3.0` (a number with no fraction), not `true`."""
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 def _kind(value: Any) -> str:
-    return "int" if isinstance(value, int) and not isinstance(value, bool) else type(value).__name__
+    return "int" if _is_integer(value) else type(value).__name__
+
+
+def _token_ids(index: int, ids: list[Any]) -> list[int]:
+    if not all(_is_integer(t) for t in ids):
+        raise ValueError(f"input[{index}] must hold only integer token ids")
+    if not all(0 <= t <= INT32_MAX for t in ids):
+        raise ValueError(f"input[{index}] holds a token id outside 0..{INT32_MAX}")
+    return [int(t) for t in ids]
 
 
 def _normalise_input(value: Any) -> list[EmbeddingInput]:
@@ -28,16 +61,14 @@ def _normalise_input(value: Any) -> list[EmbeddingInput]:
             if not v:
                 raise ValueError(f"input[{i}] is an empty string")
         return list(value)
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return [list(value)]
+    if all(_is_integer(v) for v in value):
+        return [_token_ids(0, value)]
     if all(isinstance(v, list) for v in value):
         out: list[EmbeddingInput] = []
         for i, ids in enumerate(value):
             if not ids:
                 raise ValueError(f"input[{i}] is an empty token list")
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise ValueError(f"input[{i}] must hold only integer token ids")
-            out.append(list(ids))
+            out.append(_token_ids(i, ids))
         return out
     first = _kind(value[0])
     bad = next((i for i, v in enumerate(value) if _kind(v) != first), 0)
@@ -51,9 +82,9 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    input: list[EmbeddingInput]
+    input: Annotated[list[EmbeddingInput], WithJsonSchema(INPUT_SCHEMA)]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, gt=0)
+    dimensions: int | None = Field(default=None, gt=0, le=INT32_MAX)
     user: str | None = None
     #: inferq: cut over-long inputs to the model's limit (default) or refuse them.
     truncate: bool = True

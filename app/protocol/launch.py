@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from app.registry import ModelKind
 
@@ -15,6 +15,28 @@ MODEL_TYPES: dict[str, ModelKind] = {
     "chat": ModelKind.chat,
     "embedding": ModelKind.embedding,
     "rerank": ModelKind.rerank,
+}
+
+
+#: The most devices one range in `devices` may name (`0-3` names four).
+MAX_DEVICES = 4096
+
+#: What `devices` and `gpu_idx` accept, as the schema says it (see `_as_strings`).
+DEVICES_SCHEMA = {
+    "anyOf": [
+        {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+        {"type": "string", "description": "A device list such as `0,1` or `0-3`."},
+        {"type": "integer"},
+        {"type": "null"},
+    ]
+}
+Devices = Annotated[list[str] | None, WithJsonSchema(DEVICES_SCHEMA)]
+N_GPU_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": 1, "maximum": 64},
+        {"type": "string", "pattern": "^(auto|[0-9]+)$"},
+        {"type": "null"},
+    ]
 }
 
 
@@ -33,13 +55,13 @@ class LaunchRequest(BaseModel):
     model_path: str | None = Field(default=None, max_length=4096)
     model_options: dict[str, Any] = Field(default_factory=dict)
     replica: int = Field(default=1, ge=1, le=256)
-    n_gpu: int | Literal["auto"] | None = Field(
+    n_gpu: Annotated[int | Literal["auto"] | None, WithJsonSchema(N_GPU_SCHEMA)] = Field(
         default=None, description="Devices per replica; 'auto' or none: the engine's default."
     )
-    devices: list[str] | None = Field(
+    devices: Devices = Field(
         default=None, description="Explicit device ids, split into groups of n_gpu."
     )
-    gpu_idx: list[str] | None = Field(default=None, description="xinference's name for devices.")
+    gpu_idx: Devices = Field(default=None, description="xinference's name for devices.")
     worker_ip: str | None = Field(default=None, description="A node name or address.")
     # Accepted from xinference clients; a local model path already says all of them.
     model_size_in_billions: int | str | None = None
@@ -54,8 +76,16 @@ class LaunchRequest(BaseModel):
         if isinstance(value, str):
             from app.settings import parse_device_list
 
+            for part in value.split(","):
+                lo, dash, hi = (s.strip() for s in part.partition("-"))
+                if not (dash and lo.isdigit() and hi.isdigit()):
+                    continue
+                if len(hi) > 9 or int(hi) - int(lo) >= MAX_DEVICES:
+                    raise ValueError(f"a device range holds at most {MAX_DEVICES} devices")
             return parse_device_list(value)
         if isinstance(value, list):
+            if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+                raise ValueError("device ids are strings or integers")
             return [str(v) for v in value]
         return value
 

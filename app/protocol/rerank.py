@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+
+from app.protocol.values import INT32_MAX
+
+#: What `documents` accepts, as the schema says it (validated by `_documents` below).
+DOCUMENTS_SCHEMA = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {
+                "type": "object",
+                "properties": {"text": {"type": "string", "minLength": 1}},
+                "required": ["text"],
+            },
+        ]
+    },
+    "title": "Documents",
+    "description": "Strings, or Cohere-style objects with a `text` field.",
+}
 
 
 class RerankRequest(BaseModel):
@@ -13,8 +33,8 @@ class RerankRequest(BaseModel):
     model: str = Field(min_length=1)
     query: str = Field(min_length=1)
     #: Strings, or Cohere-style objects with a `text` field.
-    documents: list[str]
-    top_n: int | None = Field(default=None, gt=0)
+    documents: Annotated[list[str], WithJsonSchema(DOCUMENTS_SCHEMA)]
+    top_n: int | None = Field(default=None, gt=0, le=INT32_MAX)
     return_documents: bool = False
     return_len: bool = False
     #: inferq: cut over-long (query, document) pairs to the model's limit, or refuse them.
