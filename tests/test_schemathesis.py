@@ -24,7 +24,7 @@ budgets are cut to a few tokens so the fuzzing stays quick. Meanwhile a canary
 thread embeds known texts and checks every answer is its own; afterwards every
 worker must still be alive and answer normal requests.
 
-INFERQ_TEST_SCHEMA_EXAMPLES sets Hypothesis' examples per operation (default 30).
+INFERQ_TEST_SCHEMA_EXAMPLES sets Hypothesis' examples per operation (default 25).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from schemathesis import checks
 from tests.procs import Proc
 from tests.stack import KEY_A, Stack, running_stack
 
-EXAMPLES = int(os.environ.get("INFERQ_TEST_SCHEMA_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("INFERQ_TEST_SCHEMA_EXAMPLES", "25"))
 
 REGISTRY = """
 models:
@@ -73,8 +73,18 @@ SERVED = {
     "/v1/completions": "smollm2",
     "/v1/corpus-jobs": "minilm",
 }
+JOB_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/embeddings": {"model": "minilm", "input": ["a job's text"]},
+    "/v1/rerank": {"model": "minilm-cosine-rerank", "query": "q", "documents": ["d", "e"]},
+    "/v1/chat/completions": {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+    },
+    "/v1/completions": {"model": "smollm2", "prompt": "Once", "max_tokens": 4},
+}
 CHAT_CONTEXT = 1024
-CHAT_BUDGET = 8
+CHAT_BUDGET = 4
 
 #: Checks every response must pass (`not_a_server_error` is replaced by `no_server_error`).
 CHECKS = [
@@ -132,11 +142,14 @@ def _budgeted(body: dict[str, Any]) -> dict[str, Any]:
 def _steered(path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     """The body with served models' names: mostly the right kind, sometimes another."""
     if path == "/v1/jobs" and isinstance(body.get("body"), dict):
-        return [
+        generated = [
             {**body, "endpoint": endpoint, "body": _budgeted({**body["body"], "model": model})}
             for endpoint, model in SERVED.items()
-            if endpoint != "/v1/corpus-jobs"
+            if endpoint in JOB_BODIES
         ]
+        # The rest of a job (priority, webhook, metadata) as generated, with a body that runs.
+        runnable = [{**body, "endpoint": e, "body": b} for e, b in JOB_BODIES.items()]
+        return generated + runnable
     if path not in SERVED or not isinstance(body.get("model"), str):
         return []
     right = _budgeted({**body, "model": SERVED[path]})
@@ -206,7 +219,7 @@ class Canary:
                     want = first.setdefault(text, vector)
                     if max(abs(a - b) for a, b in zip(want, vector, strict=True)) > 1e-5:
                         self.problems.append(f"{text!r} came back as another text's vector")
-                time.sleep(0.05)
+                time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,27 @@ async def _multipart_file(request: Request, limit: int) -> tuple[str, str, Async
     return purpose, upload.filename or "upload", chunks()
 
 
-@router.post("/v1/files")
+#: The upload's form, for the OpenAPI schema (the route reads the form itself, streaming).
+UPLOAD_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)},
+                        "file": {"type": "string", "format": "binary"},
+                    },
+                    "required": ["purpose", "file"],
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("/v1/files", openapi_extra=UPLOAD_FORM)
 async def create_file(request: Request, services: ServicesDep, owner: CallerDep) -> JSONResponse:
     bulk = services.require_bulk()
     limit = services.settings.max_upload_bytes
