@@ -10,8 +10,10 @@ their traffic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -173,38 +175,31 @@ class ModelLauncher:
             devices=tuple(request.wanted_devices),
             node=request.worker_ip,
         )
-        try:
-            async with self._client.lock(self._keys.launch_lock, timeout=15, blocking_timeout=10):
-                state = await read_cluster(self._client, self._keys, self._registry_names())
-                self._check_identity(spec, state)
-                already = self._already_placed(spec.name, wanted, state)
-                if already:
-                    return already
-                try:
-                    slots = place(wanted, node_views(state))
-                except PlacementError as exc:
-                    raise refused(exc) from None
-                assignments = self._assignments(spec, slots, state)
-                # The first replica's spec stands for the model (its placement satisfies
-                # engines that check device counts, such as vLLM's tensor-parallel rules).
-                deployment = state.deployments.get(spec.name) or Deployment(
-                    spec.name, assignments[0].spec
-                )
-                async with self._client.pipeline(transaction=True) as pipe:
-                    pipe.hset(self._keys.deployments, spec.name, deployment.to_json())
-                    for assignment in assignments:
-                        pipe.hset(
-                            self._keys.node_assignments(assignment.node),
-                            assignment.assignment_id,
-                            assignment.to_json(),
-                        )
-                    await pipe.execute()
-        except LockError:
-            raise BackendUnavailable(
-                "another launch holds the cluster lock; try again", code="launch_busy"
-            ) from None
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"the cluster state is unreachable: {exc}") from None
+        async with self._locked():
+            state = await read_cluster(self._client, self._keys, self._registry_names())
+            self._check_identity(spec, state)
+            already = self._already_placed(spec.name, wanted, state)
+            if already:
+                return already
+            try:
+                slots = place(wanted, node_views(state))
+            except PlacementError as exc:
+                raise refused(exc) from None
+            assignments = self._assignments(spec, slots, state)
+            # The first replica's spec stands for the model (its placement satisfies
+            # engines that check device counts, such as vLLM's tensor-parallel rules).
+            deployment = state.deployments.get(spec.name) or Deployment(
+                spec.name, assignments[0].spec
+            )
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(self._keys.deployments, spec.name, deployment.to_json())
+                for assignment in assignments:
+                    pipe.hset(
+                        self._keys.node_assignments(assignment.node),
+                        assignment.assignment_id,
+                        assignment.to_json(),
+                    )
+                await pipe.execute()
         await self._nudge({a.node for a in assignments})
         log.info(
             "launched %s: %s",
@@ -268,42 +263,49 @@ class ModelLauncher:
         return assignments
 
     async def terminate(self, uid: str, assignment_id: str | None = None) -> list[Assignment]:
+        async with self._locked():
+            state = await read_cluster(self._client, self._keys, self._registry_names())
+            mine = state.assignments_of(uid)
+            if assignment_id is not None:
+                mine = [a for a in mine if a.assignment_id == assignment_id]
+                if not mine:
+                    raise ModelNotFound(
+                        f"model {uid!r} has no launched replica {assignment_id!r}",
+                        param="replica_id",
+                    )
+            elif not mine and uid not in state.deployments:
+                if self._registry.get(uid) is not None:
+                    raise Conflict(
+                        f"{uid!r} runs only on workers started from the registry file "
+                        "(inferq up or inferq worker); stop those processes instead",
+                        code="not_launched",
+                    )
+                raise ModelNotFound(f"the model {uid!r} does not exist", param="model_uid")
+            left = len(state.assignments_of(uid)) - len(mine)
+            async with self._client.pipeline(transaction=True) as pipe:
+                for assignment in mine:
+                    pipe.hdel(
+                        self._keys.node_assignments(assignment.node), assignment.assignment_id
+                    )
+                if left == 0:
+                    pipe.hdel(self._keys.deployments, uid)
+                await pipe.execute()
+        await self._nudge({a.node for a in mine})
+        return mine
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """The cluster lock, so two launches never place on the same devices; Redis
+        trouble and a lock held too long answer 503."""
         try:
             async with self._client.lock(self._keys.launch_lock, timeout=15, blocking_timeout=10):
-                state = await read_cluster(self._client, self._keys, self._registry_names())
-                mine = state.assignments_of(uid)
-                if assignment_id is not None:
-                    mine = [a for a in mine if a.assignment_id == assignment_id]
-                    if not mine:
-                        raise ModelNotFound(
-                            f"model {uid!r} has no launched replica {assignment_id!r}",
-                            param="replica_id",
-                        )
-                elif not mine and uid not in state.deployments:
-                    if self._registry.get(uid) is not None:
-                        raise Conflict(
-                            f"{uid!r} runs only on workers started from the registry file "
-                            "(inferq up or inferq worker); stop those processes instead",
-                            code="not_launched",
-                        )
-                    raise ModelNotFound(f"the model {uid!r} does not exist", param="model_uid")
-                left = len(state.assignments_of(uid)) - len(mine)
-                async with self._client.pipeline(transaction=True) as pipe:
-                    for assignment in mine:
-                        pipe.hdel(
-                            self._keys.node_assignments(assignment.node), assignment.assignment_id
-                        )
-                    if left == 0:
-                        pipe.hdel(self._keys.deployments, uid)
-                    await pipe.execute()
+                yield
         except LockError:
             raise BackendUnavailable(
                 "another launch holds the cluster lock; try again", code="launch_busy"
             ) from None
         except (RedisError, OSError) as exc:
             raise BackendUnavailable(f"the cluster state is unreachable: {exc}") from None
-        await self._nudge({a.node for a in mine})
-        return mine
 
     def _registry_names(self) -> list[str]:
         return [m.name for m in self._registry.models]

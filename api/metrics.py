@@ -46,7 +46,6 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import worker_stats as ws
-from app.registry import bulk_queue, model_queue
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -63,9 +62,6 @@ LATENCY_BUCKETS = (
 UNMATCHED = "unmatched"
 #: A scrape must answer even when Redis does not; the cluster part is left out then.
 REFRESH_TIMEOUT_S = 3.0
-# kombu's Redis transport keeps a list per priority step (see api/jobs.py).
-PRIORITY_SEP = "\x06\x16"
-PRIORITY_STEPS = (3, 6, 9)
 
 
 # ---- requests -----------------------------------------------------------------------
@@ -230,67 +226,34 @@ def _decode(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-def _queue_lists(base: str) -> list[str]:
-    return [base] + [f"{base}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
-
-
 async def read_cluster(services: Services) -> ClusterSnapshot:
-    """Three pipelined round trips whatever the cluster's size, plus a key scan.
+    """Two pipelined round trips whatever the cluster's size, plus a key scan (the same
+    reads as /v1/cluster: api/cluster_reads.py).
 
     Models: the registry's, the launched ones, and any other that has a live
     replica (a worker started by hand with its own registry)."""
+    from api.cluster_reads import queue_depths, read_replicas
+
     client, keys = services.redis, services.keys
-    queues: dict[str, tuple[str, str]] = {
-        spec.name: (spec.queue, spec.bulk_queue) for spec in services.registry.models
-    }
-    names: set[str] = set(queues)
+    declared = {spec.name for spec in services.registry.models}
+    names: set[str] = set(declared)
     prefix = keys.replicas("")
     async for raw in client.scan_iter(match=f"{_glob_escape(prefix)}*", count=1000):
         names.add(_decode(raw)[len(prefix) :])
     names.update(_decode(uid) for uid in await client.hkeys(keys.deployments))
     ordered = sorted(names)
-    now = time.time()
-    async with client.pipeline(transaction=False) as pipe:
-        for name in ordered:
-            interactive, bulk = queues.get(name, (model_queue(name), bulk_queue(name)))
-            pipe.zrangebyscore(keys.replicas(name), now, "+inf")
-            for queue in (interactive, bulk):
-                for key in _queue_lists(keys.queue_list(queue)):
-                    pipe.llen(key)
-        answers = await pipe.execute()
-    per_model = 1 + 2 * (1 + len(PRIORITY_STEPS))
+    replicas = await read_replicas(client, keys, ordered)
+    depths = await queue_depths(client, keys, ordered)
     models: dict[str, ModelFigures] = {}
-    live: list[tuple[str, str]] = []
-    for i, name in enumerate(ordered):
-        ids, *lengths = answers[i * per_model : (i + 1) * per_model]
-        half = len(lengths) // 2
-        figures = ModelFigures(
-            alive=len(ids),
-            depth={"interactive": sum(lengths[:half]), "bulk": sum(lengths[half:])},
-        )
+    for name in ordered:
+        interactive, bulk = depths.get(name, (0, 0))
+        live = replicas.get(name, [])
+        figures = ModelFigures(alive=len(live), depth={"interactive": interactive, "bulk": bulk})
         # A model nobody declared or launched shows only while it has replicas.
-        if figures.alive or name in queues or any(lengths):
+        if figures.alive or name in declared or interactive or bulk:
+            figures.replicas.extend(r["stats"] for r in live if r.get("stats"))
             models[name] = figures
-        live.extend((name, _decode(r)) for r in ids)
-    if live:
-        async with client.pipeline(transaction=False) as pipe:
-            for _, replica_id in live:
-                pipe.hgetall(keys.replica_stats(replica_id))
-            hashes = await pipe.execute()
-        for (name, _), raw in zip(live, hashes, strict=True):
-            if raw and name in models:
-                models[name].replicas.append(_floats(raw))
     return ClusterSnapshot(models, redis_up=True)
-
-
-def _floats(raw: dict[Any, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in raw.items():
-        try:
-            out[_decode(key)] = float(_decode(value))
-        except ValueError:
-            continue
-    return out
 
 
 class ClusterCollector(Collector):

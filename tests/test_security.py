@@ -178,7 +178,6 @@ def test_a_pickled_message_is_rejected_not_executed(
         redis_url=inferq_env["INFERQ_REDIS_URL"], key_prefix=inferq_env["INFERQ_KEY_PREFIX"]
     )
     attacker = create_celery(settings)
-    attacker.conf.accept_content = ["json", "pickle"]
     attacker.send_task(
         "inferq.embeddings",
         kwargs={
