@@ -81,6 +81,9 @@ class Exchange:
     inbox: asyncio.Queue[dict[str, Any]]
     streaming: bool
     resends: int = 0
+    #: Rises each time the result channel dropped while this request waited: the
+    #: worker then runs it again even if it answered (to nobody) before.
+    attempt: int = 0
     accepted_by: str | None = None
     finished: bool = False
     deadline: float = 0.0
@@ -159,6 +162,7 @@ class Exchange:
         ):
             raise BackendUnavailable("the connection to Redis broke while this request waited")
         self.resends += 1
+        self.attempt += 1
         self.accepted_by = None
         await dispatcher.send(self)
 
@@ -275,6 +279,7 @@ class Dispatcher:
             "model": exchange.spec.name,
             "payload": exchange.payload,
             "deadline": time.time() + exchange.timeout,
+            "attempt": exchange.attempt,
         }
         expires = datetime.now(UTC) + timedelta(seconds=exchange.timeout + 1)
         try:

@@ -27,8 +27,10 @@ A URL holding a NUL byte (`%00`) is refused with 400 before anything else:
 no id, name or cursor inferq knows holds one, and PostgreSQL cannot even
 compare a text column with one (the query would fail with a server error).
 
-A response sent before its request's body was read to the end closes the
-connection, so the unread rest is never taken for the next request.
+A response sent before its request's body was read (a 429 or 401 decided from
+the headers) first reads and drops the rest of the body, bounded by the size
+limit and the timeout; past those, it closes the connection instead, so the
+unread rest is never taken for the next request.
 
 Slow headers are uvicorn's business, not this middleware's: the app sees a
 request only once all its headers are in. uvicorn (h11 or httptools) keeps no
@@ -206,10 +208,29 @@ class _GuardedRequest:
         except (ValueError, RecursionError):
             pass  # not JSON at all: the route's own parsing says so
 
+    async def drain(self) -> bool:
+        """Read the rest of a body the app answered without reading; True once all of it is in.
+
+        Closing a connection while the client still sends makes the kernel answer the
+        late bytes with a reset, which can destroy the response before the client reads
+        it (a 429 or 401 sent early would be lost). A body within the size limit is
+        read, within the body timeout, and dropped; a larger one closes the connection.
+        """
+        if self.upload:
+            return False
+        try:
+            while not self.body_done:
+                if (await self.receive())["type"] != "http.request":
+                    return False  # the client went away
+        except BodyRejected:
+            return False
+        self.chunks = []
+        return True
+
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
-            if not self.body_done:
+            if not self.body_done and not await self.drain():
                 headers = list(message.get("headers", []))
                 if not any(name.lower() == b"connection" for name, _ in headers):
                     headers.append((b"connection", b"close"))

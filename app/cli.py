@@ -200,6 +200,8 @@ def cmd_api(args: argparse.Namespace) -> int:
         str(args.port or settings.api_port),
         "--timeout-graceful-shutdown",
         "5",
+        "--timeout-keep-alive",
+        str(settings.keep_alive_s),
         "--log-level",
         args.loglevel,
     ]

@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         "request is answered 408 and its connection closed (slow or stalled clients); "
         "for uploads, the longest wait for the next chunk.",
     )
+    keep_alive_s: int = Field(
+        default=65,
+        ge=1,
+        description="How long the API keeps an idle HTTP connection open. Longer than "
+        "clients keep theirs (httpx, and so the openai client, 5 s; load balancers 60 s), "
+        "so a client never sends a request on a connection the server is closing.",
+    )
 
     # Workers.
     heartbeat_interval_s: float = Field(default=1.0, gt=0)

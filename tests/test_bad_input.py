@@ -237,6 +237,35 @@ def test_nan_and_infinity_as_text_are_fine(guarded: Any) -> None:
     assert len(resp.json()["data"]) == len(words)
 
 
+def test_an_answer_decided_before_the_body_waits_for_it_and_keeps_the_connection(
+    guarded: Any,
+) -> None:
+    """Some answers need only the headers (an unknown route here, the in-flight cap's 429
+    likewise). Closing the connection on a client still sending its body would make the
+    kernel reset it, which can destroy the answer before the client reads it: the body
+    is read and dropped first, and the connection serves the next request."""
+    base, _, _ = guarded
+    client = RawClient(base)
+    try:
+        body = b'{"model": "minilm", "input": "sent late"}'
+        head = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        assert client.send(_request_head(client, "/v1/no-such-route", head))
+        time.sleep(0.5)
+        assert client.send(body), "the server answered before the body came"
+        status, headers, answer = client.response(timeout=5)
+        assert status == 404, answer
+        assert headers.get("connection") != "close"
+
+        again = json.dumps({"model": "minilm", "input": "the next request"}).encode()
+        head = {"Content-Type": "application/json", "Content-Length": str(len(again))}
+        assert client.send(_request_head(client, "/v1/embeddings", head) + again)
+        status, _, answer = client.response(timeout=30)
+        assert status == 200, answer
+        assert len(json.loads(answer)["data"]) == 1
+    finally:
+        client.close()
+
+
 def test_ten_megabyte_body_is_413_before_it_is_read(guarded: Any) -> None:
     base, _, _ = guarded
     big = b'{"model": "minilm", "input": "' + b"a" * 10_000_000 + b'"}'

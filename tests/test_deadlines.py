@@ -49,6 +49,7 @@ def ask(base: str, content: str, max_tokens: int, timeout_s: float | None = None
         "model": "smollm2",
         "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
+        "temperature": 0,
     }
     return httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=120)
 
@@ -59,11 +60,11 @@ def test_abandoned_requests_are_504_and_never_run(chat: tuple[str, dict[str, str
     time.sleep(1.5)  # a heartbeat carries the counters
     before = worker_counters(env)
 
-    # One long generation keeps the only slot busy...
+    # One long generation keeps the only slot busy (this prompt runs to max_tokens, some
+    # seconds even on a fast machine)...
     long: list[httpx.Response] = []
-    runner = threading.Thread(
-        target=lambda: long.append(ask(base, "Count from 1 to 500, separated by commas.", 128))
-    )
+    story = "Write a very long story about a dragon, at least 2000 words."
+    runner = threading.Thread(target=lambda: long.append(ask(base, story, 600)))
     runner.start()
     time.sleep(0.5)
 

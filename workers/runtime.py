@@ -86,26 +86,29 @@ class WorkerRuntime:
     def cancelled(self, request_id: str) -> bool:
         return bool(self.client.exists(self.keys.cancel(request_id)))
 
-    def claim(self, request_id: str, deadline: float) -> str | None:
+    def claim(self, request_id: str, deadline: float, attempt: int = 0) -> str | None:
         """None if this delivery should run; else why not: "cancelled" (the caller gave
-        up), "answered" (another delivery replied already) or "running" (another live
-        replica runs it: the broker redelivered it while its lease lapsed).
+        up), "answered" (another delivery of this attempt replied already) or "running"
+        (another live replica runs it: the broker redelivered it while its lease lapsed).
 
         One round trip on the usual path; a copy of a request whose replica died
-        takes the claim over and runs.
+        takes the claim over and runs. A later attempt (the API asking again after
+        its result channel dropped) runs even if an earlier one answered, since that
+        answer may have been published to nobody.
         """
         me = self.info.replica_id
         ttl = max(1, int(deadline - time.time()) + 60)
-        claim_key = self.keys.request_claim(request_id)
+        claimed_as = f"{request_id}#{attempt}" if attempt else request_id
+        claim_key = self.keys.request_claim(claimed_as)
         pipe = self.client.pipeline(transaction=False)
         pipe.exists(self.keys.cancel(request_id))
-        pipe.exists(self.keys.answered(request_id))
+        pipe.get(self.keys.answered(request_id))
         pipe.set(claim_key, me, nx=True, ex=ttl)
         pipe.get(claim_key)
         cancelled, answered, claimed, holder = pipe.execute()
         if cancelled:
             return "cancelled"
-        if answered:
+        if answered is not None and int(answered) >= attempt:
             return "answered"
         if claimed or holder is None or holder.decode() == me:
             return None
@@ -114,11 +117,11 @@ class WorkerRuntime:
         self.client.set(claim_key, me, ex=ttl)  # its replica died: this copy carries on
         return None
 
-    def publish_final(self, request_id: str, message: dict[str, Any]) -> None:
-        """The last reply, and the mark that makes later copies of the request skip."""
+    def publish_final(self, request_id: str, message: dict[str, Any], attempt: int = 0) -> None:
+        """The last reply, and the mark that makes later copies of this attempt skip."""
         pipe = self.client.pipeline(transaction=False)
         pipe.publish(self.keys.result_channel(request_id), json.dumps(message))
-        pipe.set(self.keys.answered(request_id), 1, ex=ANSWERED_TTL_S)
+        pipe.set(self.keys.answered(request_id), attempt, ex=ANSWERED_TTL_S)
         pipe.execute()
 
     def require_embeddings(self) -> EmbeddingRunner:

@@ -95,13 +95,16 @@ def run_guarded(rt: WorkerRuntime, model: str, work: Work, what: str) -> dict[st
         return {"ok": False, "error": EngineFailure(f"the engine failed: {exc}").to_wire()}
 
 
-def serve(request_id: str, model: str, deadline: float, work: Work) -> None:
-    """The part every sync inference task shares: deadline, acceptance, errors, reply."""
+def serve(request_id: str, model: str, deadline: float, work: Work, attempt: int = 0) -> None:
+    """The part every sync inference task shares: deadline, acceptance, errors, reply.
+
+    `attempt` rises when the API lost its result channel and asks again: the reply
+    of an earlier attempt may have gone out unheard, so it does not count as one."""
     rt = get_runtime()
     if time.time() > deadline:
         rt.count("expired")  # the caller has already had its 504: do not spend the engine
         return
-    skip = rt.claim(request_id, deadline)
+    skip = rt.claim(request_id, deadline, attempt)
     if skip:
         # The caller gave up while this waited, or this is a copy of a request that
         # another delivery answered or is running: no engine time for it.
@@ -110,25 +113,31 @@ def serve(request_id: str, model: str, deadline: float, work: Work) -> None:
     rt.count("received")
     rt.publish(request_id, {"accepted": rt.info.label, "replica_id": rt.info.replica_id})
     message = run_guarded(rt, model, work, f"request {request_id}")
-    rt.publish_final(request_id, message)
+    rt.publish_final(request_id, message, attempt)
     rt.count("answered" if message["ok"] else "failed")
 
 
 @celery_app.task(
     name=EMBEDDINGS_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True
 )
-def embeddings(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
-    serve(request_id, model, deadline, embeddings_work(payload, deadline, INTERACTIVE))
+def embeddings(
+    request_id: str, model: str, payload: dict[str, Any], deadline: float, attempt: int = 0
+) -> None:
+    serve(request_id, model, deadline, embeddings_work(payload, deadline, INTERACTIVE), attempt)
 
 
 @celery_app.task(name=RERANK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def rerank(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
-    serve(request_id, model, deadline, rerank_work(payload, deadline, INTERACTIVE))
+def rerank(
+    request_id: str, model: str, payload: dict[str, Any], deadline: float, attempt: int = 0
+) -> None:
+    serve(request_id, model, deadline, rerank_work(payload, deadline, INTERACTIVE), attempt)
 
 
 @celery_app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def generate(request_id: str, model: str, payload: dict[str, Any], deadline: float) -> None:
-    serve(request_id, model, deadline, generate_work(request_id, payload))
+def generate(
+    request_id: str, model: str, payload: dict[str, Any], deadline: float, attempt: int = 0
+) -> None:
+    serve(request_id, model, deadline, generate_work(request_id, payload), attempt)
 
 
 def corpus_shard_work(payload: dict[str, Any], deadline: float) -> Work:
