@@ -52,6 +52,8 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: The widest custom_id the job store holds (its column's width).
+MAX_CUSTOM_ID_CHARS = 512
 BULK_PRIORITY = 2  # below the default job priority: interactive first, jobs next, bulk last
 
 
@@ -264,6 +266,16 @@ class BulkCoordinator:
                             custom_id,
                             "missing_custom_id",
                             "custom_id must be a string",
+                            number,
+                        )
+                        continue
+                    if len(custom_id) > MAX_CUSTOM_ID_CHARS or "\x00" in custom_id:
+                        bad(
+                            out,
+                            custom_id,
+                            "invalid_custom_id",
+                            f"custom_id must be at most {MAX_CUSTOM_ID_CHARS} characters "
+                            "and hold no NUL",
                             number,
                         )
                         continue

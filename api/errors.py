@@ -6,6 +6,7 @@ import logging
 import math
 from typing import Any
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -13,7 +14,14 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
-from app.errors import AuthenticationFailed, InferqError, InvalidRequest, Overloaded
+from app.db import unreachable
+from app.errors import (
+    AuthenticationFailed,
+    InferqError,
+    InvalidRequest,
+    Overloaded,
+    job_store_unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +155,15 @@ def install_error_handlers(app: FastAPI) -> None:
             }
         }
         return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(sqlalchemy.exc.SQLAlchemyError)
+    async def _database(_: Request, exc: sqlalchemy.exc.SQLAlchemyError) -> JSONResponse:
+        """Routes that reach the job store without `job_store_call` (files, batches, corpus
+        jobs) answer 503 too while it is away, not 500."""
+        if unreachable(exc):
+            log.warning("the job database is unreachable: %s", exc)
+            return error_response(job_store_unavailable())
+        return await _unexpected(_, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -22,7 +22,8 @@ from redis.exceptions import RedisError
 
 from api.calls import CALLS
 from app.celery_app import JOB_TASK
-from app.errors import BackendUnavailable, Overloaded
+from app.db import unreachable
+from app.errors import Overloaded, job_store_unavailable
 from app.jobs.models import Job, JobStatus
 from app.jobs.store import JobStore, epoch_s
 from app.keys import KeySpace
@@ -37,23 +38,7 @@ KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 KOMBU_PRIORITY_SEP = "\x06\x16"
 
 
-#: What an unreachable job database raises through SQLAlchemy: refused or broken
-#: connections, and no pooled connection to be had in time.
-UNREACHABLE = (
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-    sqlalchemy.exc.TimeoutError,
-)
-
 T = TypeVar("T")
-
-
-def unreachable(exc: BaseException) -> bool:
-    """True when a job-store error says the database cannot be reached, not that a
-    statement was wrong (an invalidated connection counts as unreachable)."""
-    if isinstance(exc, UNREACHABLE):
-        return True
-    return isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated
 
 
 async def job_store_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -65,10 +50,7 @@ async def job_store_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if not unreachable(exc):
             raise
         log.warning("the job database is unreachable: %s", exc)
-        raise BackendUnavailable(
-            "async jobs are unavailable: the job database is unreachable; try again shortly",
-            code="job_store_unavailable",
-        ) from None
+        raise job_store_unavailable() from None
 
 
 def kombu_priority(job_priority: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import sqlalchemy.exc
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -71,3 +72,20 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 def engine_for(settings: Settings) -> Engine:
     return create_db_engine(settings.resolved_database_url())
+
+
+#: What an unreachable database raises through SQLAlchemy: refused or broken
+#: connections, and no pooled connection to be had in time.
+UNREACHABLE = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True when a database error says the database cannot be reached, not that a
+    statement was wrong (an invalidated connection counts as unreachable)."""
+    if isinstance(exc, UNREACHABLE):
+        return True
+    return isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated

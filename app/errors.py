@@ -125,6 +125,15 @@ class BackendUnavailable(InferqError):
     default_code = "backend_unavailable"
 
 
+def job_store_unavailable() -> BackendUnavailable:
+    """The 503 for anything that needs the job database while it cannot be reached."""
+    return BackendUnavailable(
+        "the job database is unreachable (async jobs, files and batches are unavailable); "
+        "try again shortly",
+        code="job_store_unavailable",
+    )
+
+
 class RequestTimedOut(InferqError):
     status = 504
     type = "timeout"

@@ -6,8 +6,10 @@ restarted, and an account of every request.
 
 Traffic, from `--clients` concurrent clients (default 96, several times what two
 cores can serve): embeddings of mixed sizes (1-48 inputs, short to long texts),
-rerank, streamed chat, and async embedding jobs. Every `--kill-every` seconds one
-of the two embedding workers gets SIGKILL and a new one is started.
+rerank, streamed chat, and async embedding jobs. A client told 429 waits the
+`Retry-After` it was given before its next request, as the openai client does.
+Every `--kill-every` seconds one of the two embedding workers gets SIGKILL and a
+new one is started.
 
 Every request ends in one of: answered (200, or a job that succeeded), 429, 503,
 504, another error status, or lost: no answer by its deadline plus a grace
@@ -80,6 +82,7 @@ class Tally:
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     lost_examples: list[str] = field(default_factory=list)
     jobs: list[str] = field(default_factory=list)
+    job_errors: list[str] = field(default_factory=list)
 
     def record(self, kind: str, outcome: str, latency: float, detail: str = "") -> None:
         self.outcomes[(kind, outcome)] += 1
@@ -100,7 +103,18 @@ def classify(status: int) -> str:
 MAX_JOBS = 300
 
 
-async def one_request(http: httpx.AsyncClient, rng: random.Random, tally: Tally) -> None:
+def retry_after(reply: httpx.Response) -> float:
+    """The pause a 429 asks for (none for any other answer)."""
+    if reply.status_code != 429:
+        return 0.0
+    try:
+        return min(60.0, float(reply.headers.get("retry-after", "1")))
+    except ValueError:
+        return 1.0
+
+
+async def one_request(http: httpx.AsyncClient, rng: random.Random, tally: Tally) -> float:
+    """Send one request and record its outcome; returns how long to wait before the next."""
     kind = rng.choices(["embeddings", "rerank", "chat", "job"], weights=[50, 15, 20, 15])[0]
     if kind == "job" and len(tally.jobs) >= MAX_JOBS:
         kind = "embeddings"
@@ -111,7 +125,7 @@ async def one_request(http: httpx.AsyncClient, rng: random.Random, tally: Tally)
             reply = await http.post("/v1/embeddings", json={"model": "minilm", "input": inputs})
             if reply.status_code == 200 and len(reply.json()["data"]) != len(inputs):
                 tally.record(kind, "lost", 0, "wrong number of vectors")
-                return
+                return 0.0
         elif kind == "rerank":
             body = {
                 "model": "minilm-rerank",
@@ -128,16 +142,17 @@ async def one_request(http: httpx.AsyncClient, rng: random.Random, tally: Tally)
             if reply.status_code == 202:
                 tally.jobs.append(reply.json()["id"])
         else:
-            await stream_chat(http, rng, tally, started)
-            return
+            return await stream_chat(http, rng, tally, started)
         tally.record(kind, classify(reply.status_code), time.perf_counter() - started)
+        return retry_after(reply)
     except httpx.HTTPError as exc:
         tally.record(kind, "lost", 0, f"{type(exc).__name__}: {exc}")
+        return 0.0
 
 
 async def stream_chat(
     http: httpx.AsyncClient, rng: random.Random, tally: Tally, started: float
-) -> None:
+) -> float:
     body = {
         "model": "smollm2",
         "messages": [{"role": "user", "content": f"Write a line about {rng.choice(WORDS)}."}],
@@ -148,7 +163,7 @@ async def stream_chat(
         if reply.status_code != 200:
             await reply.aread()
             tally.record("chat", classify(reply.status_code), 0)
-            return
+            return retry_after(reply)
         ended = errored = False
         async for line in reply.aiter_lines():
             if line == "data: [DONE]":
@@ -162,6 +177,7 @@ async def stream_chat(
             tally.record("chat", "503", 0)
         else:
             tally.record("chat", "lost", 0, "stream ended without [DONE] or an error")
+    return 0.0
 
 
 async def clients(base: str, count: int, until: float, tally: Tally) -> None:
@@ -172,7 +188,9 @@ async def clients(base: str, count: int, until: float, tally: Tally) -> None:
         async def client(seed: int) -> None:
             rng = random.Random(seed)
             while time.monotonic() < until:
-                await one_request(http, rng, tally)
+                pause = await one_request(http, rng, tally)
+                if pause:
+                    await asyncio.sleep(min(pause, max(0.0, until - time.monotonic())))
 
         await asyncio.gather(*(client(i) for i in range(count)))
 
@@ -192,6 +210,8 @@ async def settle_jobs(base: str, tally: Tally, timeout: float) -> Counter[str]:
                     still.append(job_id)
                 else:
                     statuses[job["status"]] += 1
+                    if job["status"] != "succeeded" and len(tally.job_errors) < 20:
+                        tally.job_errors.append(f"{job_id}: {job.get('error')}")
             pending = still
             if pending:
                 await asyncio.sleep(1)
@@ -285,6 +305,7 @@ def summarise(tally: Tally, jobs: Counter[str]) -> dict[str, Any]:
         "jobs": dict(jobs),
         "latency": latencies,
         "lost_examples": tally.lost_examples,
+        "job_errors": tally.job_errors,
     }
 
 

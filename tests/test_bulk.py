@@ -106,6 +106,8 @@ def test_openai_batch_runs_good_lines_and_reports_bad_ones(client: openai.OpenAI
         {**good[1], "custom_id": "wrong-url", "url": "/v1/images/generations"},
         {**good[2], "custom_id": "other-model", "body": {"model": "smollm2", "input": "x"}},
         {**good[3], "custom_id": "no-input", "body": {"model": "minilm"}},
+        {**good[4], "custom_id": "x" * 513},  # wider than the job store's column
+        {**good[5], "custom_id": "nul\u0000id"},  # PostgreSQL cannot store it
     ]
     rows: list[Any] = [*good[:6], *bad, *good[6:]]
     uploaded = client.files.create(file=("batch.jsonl", io.BytesIO(_jsonl(rows))), purpose="batch")
@@ -137,7 +139,15 @@ def test_openai_batch_runs_good_lines_and_reports_bad_ones(client: openai.OpenAI
     assert len(errors) == len(bad)
     codes = sorted(e["error"]["code"] for e in errors)
     assert codes == sorted(
-        ["invalid_json", "duplicate_custom_id", "invalid_url", "model_mismatch", "invalid_body"]
+        [
+            "invalid_json",
+            "duplicate_custom_id",
+            "invalid_url",
+            "model_mismatch",
+            "invalid_body",
+            "invalid_custom_id",
+            "invalid_custom_id",
+        ]
     )
     assert {e["custom_id"] for e in errors} >= {"wrong-url", "other-model", "no-input"}
 

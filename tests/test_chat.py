@@ -70,6 +70,33 @@ def test_engine_honours_stop_and_max_tokens(engine: Any) -> None:
     assert finish == "length" and completion == 5
 
 
+def test_a_chat_template_that_refuses_the_messages_is_a_400(engine: Any) -> None:
+    """Templates police their input (many raise on roles that do not alternate): the
+    caller hears the template's reason as a 400, not an engine failure."""
+    import copy
+
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from app.errors import InvalidRequest
+    from app.protocol.chat import GenerationTask
+
+    strict = Jinja2ChatFormatter(
+        template="{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}",
+        eos_token="</s>",
+        bos_token="<s>",
+    )
+    picky = copy.copy(engine)  # the same contexts, another template
+    picky._template = strict
+    twice = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(InvalidRequest) as refused:
+        list(picky.generate(GenerationTask(messages=twice, max_tokens=4), lambda: False))
+    assert refused.value.status == 400 and refused.value.param == "messages"
+    assert "roles must alternate" in refused.value.message
+    assert picky.prompt_tokens(GenerationTask(messages=twice[:1], max_tokens=4)) > 0
+
+
 @pytest.fixture(scope="module")
 def chat_worker(inferq_env: dict[str, str], log_dir: Path) -> Iterator[Proc]:
     proc = start_worker(inferq_env, log_dir, "smollm2")

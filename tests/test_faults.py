@@ -387,6 +387,8 @@ def test_the_job_database_away_and_back(
             "get": lambda: http.get(f"/v1/jobs/{before.json()['id']}"),
             "list": lambda: http.get("/v1/jobs"),
             "cancel": lambda: http.post(f"/v1/jobs/{before.json()['id']}/cancel"),
+            "files": lambda: http.get("/v1/files"),
+            "batches": lambda: http.get("/v1/batches"),
         }
         for name, call in calls.items():
             call_started = time.monotonic()

@@ -125,6 +125,26 @@ class GenerationEvent:
     finish_reason: str | None = None
 
 
+def apply_chat_template(render: Callable[..., Any], **kwargs: Any) -> Any:
+    """Render a model's chat template; a template that refuses the messages is a 400.
+
+    Templates check what they are given (roles that must alternate, a system
+    message they cannot place) and call `raise_exception`, which raises a Jinja
+    TemplateError in transformers and a ValueError in llama-cpp-python: that is
+    the request's fault, and the caller must hear why, not a 500.
+    """
+    from jinja2 import TemplateError
+
+    try:
+        return render(**kwargs)
+    except (TemplateError, ValueError) as exc:
+        from app.errors import InvalidRequest
+
+        raise InvalidRequest(
+            f"the model's chat template refused these messages: {exc}", param="messages"
+        ) from None
+
+
 class ChatEngine(ABC):
     """A text generator: chat messages through the model's own template, or a raw prompt."""
 

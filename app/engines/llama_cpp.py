@@ -14,7 +14,7 @@ import queue
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from app.engines.base import ChatEngine, GenerationEvent
+from app.engines.base import ChatEngine, GenerationEvent, apply_chat_template
 from app.errors import InvalidRequest
 from app.reasoning import partial_suffix
 
@@ -60,7 +60,9 @@ class LlamaCppEngine(ChatEngine):
 
     def _chat_prompt(self, task: GenerationTask) -> tuple[list[int], list[str], Any]:
         assert task.messages is not None
-        formatted = self._template(messages=task.messages, **(task.chat_template_kwargs or {}))
+        formatted = apply_chat_template(
+            self._template, messages=task.messages, **(task.chat_template_kwargs or {})
+        )
         tokens = self._sizer.tokenize(
             formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
         )

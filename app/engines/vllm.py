@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from app.engines.base import ChatEngine, GenerationEvent
+from app.engines.base import ChatEngine, GenerationEvent, apply_chat_template
 
 if TYPE_CHECKING:
     from app.protocol.chat import GenerationTask
@@ -140,8 +140,9 @@ class VllmEngine(ChatEngine):
             assert task.prompt is not None
             return task.prompt
         return str(
-            self._tokenizer.apply_chat_template(
-                task.messages,
+            apply_chat_template(
+                self._tokenizer.apply_chat_template,
+                conversation=task.messages,
                 tokenize=False,
                 add_generation_prompt=True,
                 **(task.chat_template_kwargs or {}),

@@ -65,6 +65,7 @@ STOP_SCHEMA = {
 RESERVED_TEMPLATE_KWARGS = frozenset(
     {
         "messages",
+        "conversation",
         "tools",
         "tool_choice",
         "functions",
