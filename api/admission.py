@@ -3,7 +3,8 @@
 Two bounds, both answered with 429 and `Retry-After` (OpenAI JSON, which the
 `openai` client retries on its own):
 - sync requests in flight in this API process (each holds a connection, a
-  reply inbox and its body in memory), checked before the body is read;
+  reply inbox and its body in memory), checked before the body is parsed (the
+  request guard then reads and drops it, so the 429 is never lost to a reset);
 - messages waiting in a model's interactive queue, checked before a request is
   queued. The depth is read from Redis at most every 100 ms per model; requests
   this process queued since the last read are added to it, so a burst cannot
@@ -78,7 +79,7 @@ class QueueAdmission:
 
 class InflightLimit:
     """ASGI middleware capping sync requests in flight; the excess gets 429 at once,
-    before its body is read."""
+    before its body is parsed."""
 
     def __init__(self, app: ASGIApp, limit: int, retry_after_s: float) -> None:
         self.app = app
