@@ -218,13 +218,13 @@ class _GuardedRequest:
         """
         if self.upload:
             return False
+        self.json, self.utf8, self.chunks = False, None, []  # dropped unread: nothing to check
         try:
             while not self.body_done:
                 if (await self.receive())["type"] != "http.request":
                     return False  # the client went away
         except BodyRejected:
             return False
-        self.chunks = []
         return True
 
     async def send(self, message: Message) -> None:
