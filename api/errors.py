@@ -157,13 +157,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(sqlalchemy.exc.SQLAlchemyError)
-    async def _database(_: Request, exc: sqlalchemy.exc.SQLAlchemyError) -> JSONResponse:
-        """Routes that reach the job store without `job_store_call` (files, batches, corpus
-        jobs) answer 503 too while it is away, not 500."""
+    async def _database(request: Request, exc: sqlalchemy.exc.SQLAlchemyError) -> JSONResponse:
+        """Any route that reaches the job store (jobs, files, batches, corpus jobs) answers
+        503 while the database is away, with the detail only in the log; other database
+        errors are server errors."""
         if unreachable(exc):
             log.warning("the job database is unreachable: %s", exc)
             return error_response(job_store_unavailable())
-        return await _unexpected(_, exc)
+        return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

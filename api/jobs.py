@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio as aioredis
 import sqlalchemy.exc
@@ -22,8 +21,7 @@ from redis.exceptions import RedisError
 
 from api.calls import CALLS
 from app.celery_app import JOB_TASK
-from app.db import unreachable
-from app.errors import Overloaded, job_store_unavailable
+from app.errors import Overloaded
 from app.jobs.models import Job, JobStatus
 from app.jobs.store import JobStore, epoch_s
 from app.keys import KeySpace
@@ -36,21 +34,6 @@ log = logging.getLogger(__name__)
 # priority p goes to the list of the step at or below it, 0 being served first.
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 KOMBU_PRIORITY_SEP = "\x06\x16"
-
-
-T = TypeVar("T")
-
-
-async def job_store_call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a job-store call in a thread; an unreachable database is a 503
-    (`job_store_unavailable`) for the caller, with the detail only in the log."""
-    try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        if not unreachable(exc):
-            raise
-        log.warning("the job database is unreachable: %s", exc)
-        raise job_store_unavailable() from None
 
 
 def kombu_priority(job_priority: int) -> int:

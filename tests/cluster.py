@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.procs import ROOT, Proc, start_api, start_node
+from tests.procs import Proc, db_upgrade, start_api, start_node
 
 ADMIN_KEY = "cluster-admin-key"
 
@@ -77,10 +75,7 @@ def running_cluster(
         "INFERQ_NODE_HEARTBEAT_TTL_S": "3",
         "INFERQ_NODE_STOP_GRACE_S": "10",
     }
-    migrated = subprocess.run(
-        [sys.executable, "-m", "app", "db", "upgrade"], env=env, cwd=ROOT, capture_output=True
-    )
-    assert migrated.returncode == 0, migrated.stderr
+    db_upgrade(env)
     api, base = start_api(env, log_dir)
     cluster = Cluster(env, base, api, log_dir)
     try:

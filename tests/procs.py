@@ -97,6 +97,20 @@ def wait_http(url: str, proc: Proc, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def db_upgrade(env: dict[str, str]) -> str:
+    """Migrate the job database of `env` as an operator would (`inferq db upgrade`); its output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "db", "upgrade"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def start_api(
     env: dict[str, str], log_dir: Path, host: str = "127.0.0.1", loglevel: str = "warning"
 ) -> tuple[Proc, str]:

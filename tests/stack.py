@@ -16,7 +16,7 @@ import httpx
 import redis
 
 from app.keys import KeySpace
-from tests.procs import ROOT, Proc, start_api, start_worker
+from tests.procs import ROOT, Proc, db_upgrade, start_api, start_worker
 
 KEY_A, KEY_B = "job-key-a", "job-key-b"
 
@@ -101,16 +101,7 @@ def running_stack(
         "INFERQ_BULK_POLL_INTERVAL_S": "0.3",
         **(extra or {}),
     }
-    upgraded = subprocess.run(
-        [sys.executable, "-m", "app", "db", "upgrade"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert upgraded.returncode == 0, upgraded.stderr
-    assert "up to date" in upgraded.stdout
+    assert "up to date" in db_upgrade(env)
     api, base = start_api(env, log_dir)
     built = Stack(name, env, base, log_dir, api)
     try:

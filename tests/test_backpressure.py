@@ -3,8 +3,6 @@ never a hang, and the work that was admitted is answered."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import ROOT, Proc, start_api, start_worker
+from tests.procs import Proc, db_upgrade, start_api, start_worker
 
 CLIENTS = 16
 
@@ -84,10 +82,7 @@ def test_async_jobs_queue_up_to_their_own_bound(
         "INFERQ_MAX_QUEUED_JOBS": "3",
         "INFERQ_MAX_QUEUE_DEPTH": "1",  # the sync bound does not apply to jobs
     }
-    migrated = subprocess.run(
-        [sys.executable, "-m", "app", "db", "upgrade"], env=env, cwd=ROOT, capture_output=True
-    )
-    assert migrated.returncode == 0, migrated.stderr
+    db_upgrade(env)
     api, base = start_api(env, log_dir)
     try:
         # No worker serves idle-model: its jobs wait, durable, in its bulk queue.

@@ -25,7 +25,7 @@ import redis
 from api.results import CLIENT_NAME
 from app.embedded_redis import free_port, redis_server_binary
 from tests.cluster import ready_workers, running_cluster
-from tests.procs import ROOT, Proc, alive_replica_count, start_api, start_node
+from tests.procs import Proc, alive_replica_count, db_upgrade, start_api, start_node
 
 EMBED = {"model": "minilm", "input": "a steady stream of small requests"}
 
@@ -122,18 +122,6 @@ def assert_openai_error(response: httpx.Response, status: int, code: str) -> dic
     assert set(error) == {"message", "type", "param", "code"}, error
     assert error["code"] == code, error
     return error
-
-
-def db_upgrade(env: dict[str, str]) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "app", "db", "upgrade"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.procs import ROOT, Proc, start_api
+from tests.procs import ROOT, Proc, db_upgrade, start_api
 
 INFERENCE_KEY = "sk-inference-" + "a" * 24
 JOBS_KEY = "sk-jobs-" + "b" * 24
@@ -52,10 +52,7 @@ def secured(
         "INFERQ_API_KEYS_FILE": str(keys_file),
         "INFERQ_DATABASE_URL": f"sqlite:///{root / 'jobs.db'}",
     }
-    migrated = subprocess.run(
-        [sys.executable, "-m", "app", "db", "upgrade"], env=env, cwd=ROOT, capture_output=True
-    )
-    assert migrated.returncode == 0, migrated.stderr
+    db_upgrade(env)
     # Info-level logs, so the access log is there to be searched for keys.
     proc, base = start_api(env, log_dir, loglevel="info")
     yield base, proc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
@@ -11,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from api.auth import CallerDep
 from api.calls import CALLS
 from api.deps import ServicesDep
-from api.jobs import job_store_call
 from api.pages import list_page
 from api.webhooks import check_webhook_url
 from app.errors import Conflict, InvalidRequest, NotFound
@@ -86,7 +86,7 @@ async def create_job(
         webhook_url=submit.webhook,
         ttl_s=services.settings.job_queue_ttl_s,
     )
-    job, created = await job_store_call(jobs.store.create, new)
+    job, created = await asyncio.to_thread(jobs.store.create, new)
     if created:
         await jobs.send(job)
     headers = {} if created else {"Idempotent-Replayed": "true"}
@@ -96,7 +96,7 @@ async def create_job(
 @router.get("/v1/jobs/{job_id}")
 async def get_job(job_id: str, services: ServicesDep, owner: CallerDep) -> JSONResponse:
     jobs = services.require_jobs()
-    job = await job_store_call(jobs.store.get, job_id, owner)
+    job = await asyncio.to_thread(jobs.store.get, job_id, owner)
     if job is None:
         raise NotFound(f"no job {job_id!r}", param="job_id")
     return JSONResponse(jobs.view(job))
@@ -116,7 +116,7 @@ async def list_jobs(
             f"status must be one of {[s.value for s in JobStatus]}", param="status"
         )
     jobs = services.require_jobs()
-    page, more = await job_store_call(
+    page, more = await asyncio.to_thread(
         jobs.store.list, owner, status=status, model=model, limit=limit, after=after
     )
     data = [jobs.view(job) for job in page]
@@ -126,7 +126,7 @@ async def list_jobs(
 @router.post("/v1/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, services: ServicesDep, owner: CallerDep) -> JSONResponse:
     jobs = services.require_jobs()
-    job, before = await job_store_call(jobs.store.cancel, job_id, owner)
+    job, before = await asyncio.to_thread(jobs.store.cancel, job_id, owner)
     if job is None:
         raise NotFound(f"no job {job_id!r}", param="job_id")
     if before == JobStatus.running:
