@@ -97,10 +97,10 @@ def wait_http(url: str, proc: Proc, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def db_upgrade(env: dict[str, str]) -> str:
-    """Migrate the job database of `env` as an operator would (`inferq db upgrade`); its output."""
+def run_inferq(env: dict[str, str], *args: str) -> str:
+    """Run one `inferq` command to its end, as an operator would; its output."""
     done = subprocess.run(
-        [sys.executable, "-m", "app", "db", "upgrade"],
+        [sys.executable, "-m", "app", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -109,6 +109,11 @@ def db_upgrade(env: dict[str, str]) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def db_upgrade(env: dict[str, str]) -> str:
+    """Migrate the job database of `env` (`inferq db upgrade`); its output."""
+    return run_inferq(env, "db", "upgrade")
 
 
 def start_api(

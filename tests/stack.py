@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +14,7 @@ import httpx
 import redis
 
 from app.keys import KeySpace
-from tests.procs import ROOT, Proc, db_upgrade, start_api, start_worker
+from tests.procs import Proc, db_upgrade, run_inferq, start_api, start_worker
 
 KEY_A, KEY_B = "job-key-a", "job-key-b"
 
@@ -35,16 +33,7 @@ class Stack:
         return httpx.Client(base_url=self.base, headers=headers, timeout=60)
 
     def inferq(self, *args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "app", *args],
-            env=self.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        return run_inferq(self.env, *args)
 
     def worker_stats(self, proc: Proc, model: str) -> dict[str, float]:
         """The counters a worker process itself reports through its heartbeat."""
