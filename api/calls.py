@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from api.metrics import note_model
 from app.celery_app import EMBEDDINGS_TASK, GENERATE_TASK, RERANK_TASK
 from app.embedding import b64_to_vector
+from app.engines import ENGINES
 from app.errors import InvalidRequest
 from app.generation import check_context
 from app.limits import check_input_limits
@@ -27,7 +28,9 @@ from app.protocol.chat import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerationTask,
+    RelayTask,
     SamplingFields,
+    unhonoured_fields,
 )
 from app.protocol.embeddings import EmbeddingRequest, EmbeddingResult, EmbeddingTask
 from app.protocol.rerank import RerankRequest, RerankResult, RerankTask
@@ -137,16 +140,51 @@ def render_rerank(
 
 
 def _sampling(body: SamplingFields, max_tokens: int | None) -> dict[str, Any]:
+    extra = body.model_extra or {}
+    top_k, penalty = extra.get("top_k"), extra.get("repetition_penalty")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < -1):
+        raise InvalidRequest("top_k must be an integer, -1 or more", param="top_k")
+    if penalty is not None and (
+        not isinstance(penalty, int | float) or isinstance(penalty, bool) or not 0 < penalty <= 10
+    ):
+        raise InvalidRequest(
+            "repetition_penalty must be a number in (0, 10]", param="repetition_penalty"
+        )
     return {
         "max_tokens": max_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
+        "top_k": None if top_k is None else max(0, top_k),  # 0 (or -1): no top-k cut
+        "repetition_penalty": penalty,
         "stop": body.stop,
         "seed": body.seed,
         "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty,
         "stream": body.stream,
     }
+
+
+def refuse_unhonoured(body: SamplingFields, spec: ModelSpec) -> None:
+    """A field the model's engine cannot honour is a 400 naming it, never ignored."""
+    asked = unhonoured_fields(body, ENGINES[spec.engine].honours)
+    if asked:
+        raise InvalidRequest(
+            f"{asked[0]} is not supported by model {spec.name!r} (engine {spec.engine}); "
+            "leave it out, or use a model served by vllm",
+            param=asked[0],
+            code="unsupported_parameter",
+        )
+
+
+def relayed(spec: ModelSpec, body: SamplingFields, path: str) -> Prepared:
+    """A request for a relay engine: the caller's body goes to the model's own server,
+    which validates every field against the model it serves."""
+    declared = spec.options.get("max_model_len")
+    limit = body.token_limit() if isinstance(body, ChatCompletionRequest) else body.max_tokens
+    if declared and limit and limit >= int(declared):
+        check_context(1, limit, int(declared))
+    task = RelayTask(path=path, body=body.forwarded(spec.name), stream=body.stream)
+    return Prepared(body, spec, GENERATE_TASK, task.model_dump())
 
 
 async def check_fits(services: Services, spec: ModelSpec, task: GenerationTask) -> None:
@@ -174,9 +212,28 @@ def usage(result: dict[str, Any]) -> dict[str, int]:
 async def prepare_chat(body: ChatCompletionRequest, services: Services) -> Prepared:
     spec = services.model(body.model, kind="chat")
     note_model(spec.name)
+    if ENGINES[spec.engine].relay:
+        return relayed(spec, body, "/v1/chat/completions")
+    refuse_unhonoured(body, spec)
+    for index, message in enumerate(body.messages):
+        if isinstance(message.content, list):
+            for part in message.content:
+                if part.type != "text":
+                    raise InvalidRequest(
+                        f"messages[{index}] has a {part.type!r} part; model {spec.name!r} "
+                        "reads text only",
+                        param=f"messages.{index}.content",
+                        code="unsupported_parameter",
+                    )
+    response_format = body.response_format
+    schema = None
+    if response_format is not None and response_format.type == "json_schema":
+        assert response_format.json_schema is not None
+        schema = response_format.json_schema.json_schema
     task = GenerationTask(
         messages=[{"role": m.role, "content": m.text()} for m in body.messages],
-        json_mode=bool(body.response_format and body.response_format.type == "json_object"),
+        json_mode=response_format is not None and response_format.type != "text",
+        json_schema=schema,
         chat_template_kwargs=body.chat_template_kwargs,
         **_sampling(body, body.token_limit()),
     )
@@ -184,9 +241,20 @@ async def prepare_chat(body: ChatCompletionRequest, services: Services) -> Prepa
     return Prepared(body, spec, GENERATE_TASK, task.model_dump())
 
 
+def render_relayed(result: dict[str, Any], model: str, request_id: str) -> dict[str, Any]:
+    """The server's own response, under inferq's id and the model's registry name."""
+    response = dict(result["response"])
+    prefix = "chatcmpl" if response.get("object") == "chat.completion" else "cmpl"
+    response["id"] = f"{prefix}-{request_id}"
+    response["model"] = model
+    return response
+
+
 def render_chat(
     _: ChatCompletionRequest, model: str, result: dict[str, Any], request_id: str, created: int
 ) -> dict[str, Any]:
+    if "response" in result:
+        return render_relayed(result, model, request_id)
     message: dict[str, Any] = {"role": "assistant", "content": result["text"]}
     if result.get("reasoning") is not None:
         message["reasoning_content"] = result["reasoning"]
@@ -211,6 +279,9 @@ def render_chat(
 async def prepare_completion(body: CompletionRequest, services: Services) -> Prepared:
     spec = services.model(body.model, kind="chat")
     note_model(spec.name)
+    if ENGINES[spec.engine].relay:
+        return relayed(spec, body, "/v1/completions")
+    refuse_unhonoured(body, spec)
     task = GenerationTask(prompt=body.prompt_text(), **_sampling(body, body.max_tokens))
     await check_fits(services, spec, task)
     return Prepared(body, spec, GENERATE_TASK, task.model_dump())
@@ -231,6 +302,8 @@ def completion_event(
 def render_completion(
     _: CompletionRequest, model: str, result: dict[str, Any], request_id: str, created: int
 ) -> dict[str, Any]:
+    if "response" in result:
+        return render_relayed(result, model, request_id)
     event = completion_event(request_id, created, model, result["text"], result["finish_reason"])
     return {**event, "usage": usage(result)}
 

@@ -1,7 +1,8 @@
 """Queue a task for a model and follow its replies on the result channel.
 
 Replies come in three kinds: `{"accepted": ...}` when a worker starts the
-task, `{"chunk": ...}` for each streamed piece, and the final `{"ok": ...}`.
+task, `{"chunk": ...}` for each streamed piece (`{"sse": ...}` when a relay
+engine's server wrote the events itself), and the final `{"ok": ...}`.
 
 Acceptance closes a gap in kombu's Redis transport: a worker pops a message
 (BRPOP) and only then records it as unacknowledged, so a worker killed between
@@ -117,7 +118,7 @@ class Exchange:
                 if self.accepted_by is None:
                     self.accepted_by = str(reply.get("replica_id") or reply["accepted"])
                 continue
-            if "chunk" in reply:
+            if "chunk" in reply or "sse" in reply:
                 if self.streaming:
                     self.deadline = time.time() + self.timeout
                 yield reply

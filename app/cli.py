@@ -61,16 +61,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "INFERQ_WORKER_MODEL": spec.name,
             "INFERQ_WORKER_DEVICES": ",".join(devices),
             "INFERQ_WORKER_REPLICA": str(args.replica),
+            "INFERQ_WORKER_DEVICE_KIND": device_kind,
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
         }
     )
     if device_kind == "cpu":
         pin_cpu_affinity(devices)
-    # A chat engine runs `parallel` generations at once; more wait in the queue, where
-    # another replica can take them. Embedding/rerank workers hold many to batch them.
+    # A chat engine runs as many generations at once as it has slots (llama.cpp's
+    # `parallel` contexts, vLLM's `max_num_seqs`); more wait in the queue, where another
+    # replica can take them. Embedding/rerank workers hold many to batch them.
     if spec.kind == "chat":
-        concurrency = args.concurrency or int(spec.options.get("parallel", 1))
+        concurrency = args.concurrency or entry.slots(spec.options)
     else:
         concurrency = args.concurrency or settings.worker_concurrency
     argv = [

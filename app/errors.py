@@ -140,6 +140,14 @@ class RequestTimedOut(InferqError):
     default_code = "request_timeout"
 
 
+class RequestCancelled(InferqError):
+    """The caller went away or cancelled: the answer has no reader (nginx's 499)."""
+
+    status = 499
+    type = "request_cancelled"
+    default_code = "cancelled"
+
+
 class EngineFailure(InferqError):
     status = 500
     type = "server_error"
@@ -162,6 +170,7 @@ ERROR_KINDS: dict[str, type[InferqError]] = {
         ModelUnavailable,
         BackendUnavailable,
         RequestTimedOut,
+        RequestCancelled,
         EngineFailure,
     )
 }

@@ -115,7 +115,8 @@ class ModelSpec(BaseModel):
                 f"engine {self.engine!r} serves {', '.join(sorted(kinds))}, not {self.kind}"
             )
         parser = self.options.get("reasoning_parser")
-        if parser is not None:
+        # A relay engine's server brings its own parsers and checks their names itself.
+        if parser is not None and not ENGINES[self.engine].relay:
             from app.reasoning import PARSERS
 
             if self.kind != "chat" or parser not in PARSERS:

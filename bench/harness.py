@@ -124,13 +124,15 @@ class Deployment:
         return totals
 
     @contextmanager
-    def worker(self, model: str, devices: str = "") -> Iterator[subprocess.Popen[bytes]]:
+    def worker(
+        self, model: str, devices: str = "", startup_timeout: float = 120
+    ) -> Iterator[subprocess.Popen[bytes]]:
         before = self.alive(model)
         argv = [sys.executable, "-m", "app", "worker", "--model", model, "--loglevel", "warning"]
         if devices:
             argv += ["--devices", devices]
         proc = self._spawn(argv)
-        self._wait(lambda: self.alive(model) > before, f"the worker for {model}")
+        self._wait(lambda: self.alive(model) > before, f"the worker for {model}", startup_timeout)
         try:
             yield proc
         finally:

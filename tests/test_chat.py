@@ -224,6 +224,28 @@ def test_disconnect_frees_the_worker(
     assert spent < 300, f"the abandoned stream generated about {spent - 8:.0f} tokens"
 
 
+def test_json_schema_through_llama_cpps_grammar(chat_client: Any) -> None:
+    """llama.cpp honours a JSON schema with a grammar built from it; what it cannot do
+    (above: tools, logprobs, n > 1) is refused by name, never ignored."""
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"type": "string"}, "count": {"type": "integer"}},
+        "required": ["colour", "count"],
+    }
+    out = chat_client.chat.completions.create(
+        model="smollm2",
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+        extra_body={"top_k": 20, "repetition_penalty": 1.1},
+    )
+    value = json.loads(out.choices[0].message.content)
+    assert isinstance(value["colour"], str) and isinstance(value["count"], int)
+
+
 def test_completions_plain_prompt(chat_client: Any, reference_llm: Any) -> None:
     reply = chat_client.completions.create(
         model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=8
@@ -257,7 +279,18 @@ def _received(client: redis.Redis, prefix: str) -> int:
         ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
         ({"messages": MESSAGES, "max_tokens": 5000}, "context"),
         ({"messages": [{"role": "user", "content": "word " * 1500}]}, "context holds 1024"),
-        ({"messages": MESSAGES, "n": 2}, "n=1"),
+        ({"messages": MESSAGES, "n": 2}, "n is not supported by model 'smollm2'"),
+        ({"messages": MESSAGES, "logprobs": True}, "logprobs is not supported"),
+        ({"messages": MESSAGES, "ignore_eos": True}, "ignore_eos is not supported"),
+        (
+            {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tools is not supported",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "reads text only",
+        ),
+        ({"messages": MESSAGES, "top_k": "many"}, "top_k"),
         ({"messages": MESSAGES, "temperature": 3}, "temperature"),
         ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
     ],

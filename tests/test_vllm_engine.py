@@ -1,17 +1,23 @@
-"""The vllm engine without vLLM: the vendor's registry rules and the argument mapping.
+"""The vllm engine's registry rules and how its options become the server's command line.
 
-vLLM's CUDA build cannot run on these CPU machines; what it is handed is checked here.
+The server itself runs in tests/test_vllm_chat.py (vLLM's CPU build).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from app.engines import EngineLoadError, load_engine
-from app.engines.vllm import engine_args, family_of, sampling_args
-from app.protocol.chat import GenerationTask
+from app.engines import load_engine
+from app.engines.vllm import (
+    DEFAULT_MAX_NUM_SEQS,
+    SERVER_MODULE,
+    ServerFailed,
+    family_of,
+    server_argv,
+)
 from app.registry import ModelSpec, RegistryError, load_registry
 
 
@@ -78,41 +84,93 @@ def test_qwen3_tensor_parallel_rule(tmp_path: Path) -> None:
         load_registry(registry(tmp_path, entry.format(tp=1)))
 
 
-def test_engine_and_sampling_arguments(tmp_path: Path) -> None:
+def test_registry_options_become_server_flags(tmp_path: Path) -> None:
+    model_dir = tmp_path / "DeepSeek-R1"
     spec = ModelSpec(
         name="deepseek-r1",
         kind="chat",
         engine="vllm",
-        path=str(tmp_path / "DeepSeek-R1"),
+        path=str(model_dir),
         options={
+            "python": ".venv-vllm/bin/python",
             "max_model_len": 32768,
             "mtp": 1,
             "gpu_memory_utilization": 0.9,
             "max_num_seqs": 128,
+            "dtype": "bfloat16",
+            "quantization": "fp8",
+            "kv_cache_dtype": "fp8",
+            "enable_prefix_caching": True,
+            "reasoning_parser": "deepseek_r1",
+            "tool_call_parser": "deepseek_v3",
+            "chat_template": "/models/r1.jinja",
+            "extra_args": ["--block-size", 64],
         },
         placements=[{"devices": list(range(32)), "tp": 32}],
     )
-    args = engine_args(spec, [str(i) for i in range(32)])
-    assert args["tensor_parallel_size"] == 32
-    assert args["max_model_len"] == 32768 and args["gpu_memory_utilization"] == 0.9
-    assert args["speculative_config"] == {"method": "deepseek_mtp", "num_speculative_tokens": 1}
-    assert args["served_model_name"] == "deepseek-r1" and args["max_num_seqs"] == 128
-    task = GenerationTask(prompt="x", temperature=0.2, stop=["\n\n"], seed=7, frequency_penalty=0.5)
-    assert sampling_args(task, 100) == {
-        "max_tokens": 100,
-        "temperature": 0.2,
-        "top_p": 1.0,
-        "stop": ["\n\n"],
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.5,
-        "seed": 7,
+    argv = server_argv(spec, [str(i) for i in range(32)], 8123)
+    assert argv[:3] == [str(Path(".venv-vllm/bin/python").absolute()), "-m", SERVER_MODULE]
+
+    def flag(name: str) -> str:
+        return argv[argv.index(name) + 1]
+
+    assert flag("--model") == str(model_dir) and flag("--served-model-name") == "deepseek-r1"
+    assert flag("--host") == "127.0.0.1" and flag("--port") == "8123"
+    assert flag("--tensor-parallel-size") == "32" and flag("--max-num-seqs") == "128"
+    assert flag("--max-model-len") == "32768" and flag("--gpu-memory-utilization") == "0.9"
+    assert flag("--dtype") == "bfloat16" and flag("--quantization") == "fp8"
+    assert flag("--kv-cache-dtype") == "fp8" and "--enable-prefix-caching" in argv
+    assert flag("--reasoning-parser") == "deepseek_r1"
+    assert flag("--tool-call-parser") == "deepseek_v3" and "--enable-auto-tool-choice" in argv
+    assert flag("--chat-template") == "/models/r1.jinja"
+    assert json.loads(flag("--speculative-config")) == {
+        "method": "deepseek_mtp",
+        "num_speculative_tokens": 1,
     }
+    assert argv[-2:] == ["--block-size", "64"]
+    assert argv.count("--max-num-seqs") == 1
 
 
-def test_without_vllm_the_worker_says_what_to_install(tmp_path: Path) -> None:
-    spec = ModelSpec(name="m", kind="chat", engine="vllm", path=str(tmp_path))
-    with pytest.raises(EngineLoadError, match=r"needs a library that is not installed \(vllm"):
-        load_engine(spec, ["0"])
+def test_a_whole_command_replaces_the_interpreter(tmp_path: Path) -> None:
+    spec = ModelSpec(
+        name="q", kind="chat", engine="vllm", path=str(tmp_path),
+        options={"command": "docker exec vacc-vllm python3 -m vllm.entrypoints.openai.api_server"},
+    )  # fmt: skip
+    argv = server_argv(spec, ["0", "1"], 9000)
+    assert argv[:4] == ["docker", "exec", "vacc-vllm", "python3"]
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[argv.index("--max-num-seqs") + 1] == str(DEFAULT_MAX_NUM_SEQS)
+
+
+def test_worker_concurrency_follows_max_num_seqs() -> None:
+    from app.engines import ENGINES
+
+    assert ENGINES["vllm"].slots({"max_num_seqs": 48}) == 48
+    assert ENGINES["vllm"].slots({}) == DEFAULT_MAX_NUM_SEQS
+    assert ENGINES["llama_cpp"].slots({"parallel": 3}) == 3
+    assert ENGINES["llama_cpp"].slots({}) == 1
+
+
+def test_unknown_options_and_bad_shapes_are_refused(tmp_path: Path) -> None:
+    base = "  - name: c\n    kind: chat\n    engine: vllm\n    path: /m\n    options: {opts}\n"
+    for opts, message in [
+        ("{max_num_seq: 8}", "unknown vllm option"),
+        ("{python: a, command: b}", "exclude each other"),
+        ("{extra_args: --x}", "extra_args is a list"),
+        ("{env: [A]}", "options.env maps"),
+    ]:
+        with pytest.raises(RegistryError, match=message):
+            load_registry(registry(tmp_path, base.format(opts=opts)))
+
+
+def test_a_server_that_cannot_start_is_a_load_failure_with_its_reason(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    spec = ModelSpec(
+        name="m", kind="chat", engine="vllm", path=str(tmp_path / "model"),
+        options={"python": str(tmp_path / "no-such-venv/bin/python"), "startup_timeout_s": 30},
+    )  # fmt: skip
+    with pytest.raises(ServerFailed, match=r"stopped while starting \(exit code 127\).*cannot run"):
+        load_engine(spec, [])
 
 
 def test_reasoning_parser_must_be_known(tmp_path: Path) -> None:
@@ -124,3 +182,44 @@ def test_reasoning_parser_must_be_known(tmp_path: Path) -> None:
 """
     with pytest.raises(RegistryError, match="reasoning_parser 'telepathy'"):
         load_registry(registry(tmp_path, entry))
+
+
+def test_on_cpu_the_devices_are_cores_not_a_tensor_parallel_group(tmp_path: Path) -> None:
+    spec = ModelSpec(name="m", kind="chat", engine="vllm", path=str(tmp_path))
+    argv = server_argv(spec, ["0", "1"], 9000, device_kind="cpu")
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "1"
+
+
+def test_the_guarded_child_dies_with_its_parent(tmp_path: Path) -> None:
+    """A parent killed with SIGKILL (no chance to clean up) takes its guarded child along."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-m', 'app.child_guard', "
+            "str(os.getpid()), 'sleep', '120'])\n"
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+            "time.sleep(120)\n",
+        ],
+    )
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = psutil.Process(int(pid_file.read_text()))
+    deadline = time.monotonic() + 20
+    while "sleep" not in child.name():  # exec'd into the program
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    parent.kill()
+    parent.wait()
+    child.wait(10)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE

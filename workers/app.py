@@ -20,6 +20,7 @@ sequence length, and acknowledges the whole group together.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import sys
@@ -54,11 +55,15 @@ def _load_model(**_: Any) -> None:
     """Load the engine before the consumer starts, so no message arrives before the model."""
     settings = get_settings()
     try:
-        runtime.load_runtime(settings)
+        rt = runtime.load_runtime(settings)
     except Exception as exc:
         log.exception("the model could not be loaded; this worker stops")
         runtime.record_load_failure(settings, exc)
         sys.exit(3)
+    if rt.relay_engine is not None:
+        # Stopped when the process ends, after Celery has let the running tasks
+        # finish (a warm shutdown), not when shutdown begins.
+        atexit.register(rt.relay_engine.close)
 
 
 @signals.worker_ready.connect

@@ -21,7 +21,7 @@ from app.batcher import BucketBatcher
 from app.db import engine_for
 from app.embedding import EmbeddingRunner, build_embedding_runner
 from app.engines import load_engine
-from app.engines.base import ChatEngine, EmbeddingEngine, RerankEngine
+from app.engines.base import ChatEngine, EmbeddingEngine, RelayEngine, RerankEngine
 from app.errors import InvalidRequest
 from app.generation import GenerationRunner
 from app.jobs.store import JobStore
@@ -49,7 +49,7 @@ class WorkerRuntime:
     settings: Settings
     keys: KeySpace
     spec: ModelSpec
-    engine: EmbeddingEngine | RerankEngine | ChatEngine
+    engine: EmbeddingEngine | RerankEngine | ChatEngine | RelayEngine
     client: redis.Redis
     info: ReplicaInfo
     lease: LeaseKeeper
@@ -57,6 +57,9 @@ class WorkerRuntime:
     embeddings: EmbeddingRunner | None
     rerank: RerankRunner | None
     chat: GenerationRunner | None = None
+    relay_engine: RelayEngine | None = None
+    #: Set when the relay engine's server stopped: this process is on its way out.
+    server_down: threading.Event = field(default_factory=threading.Event)
     counters: dict[str, int] = field(default_factory=dict)
     counter_lock: threading.Lock = field(default_factory=threading.Lock)
     token_rate: TokenRate = field(default_factory=TokenRate)
@@ -79,9 +82,16 @@ class WorkerRuntime:
         return runner.batcher if runner else None
 
     def require_chat(self) -> GenerationRunner:
-        if self.chat is None:
+        if self.chat is None and self.relay_engine is None:
             raise InvalidRequest(f"model {self.spec.name!r} is not a chat model")
         return self.chat
+
+    def hold_if_server_down(self) -> None:
+        """A message taken after the server stopped is neither run nor answered: it
+        stays unacknowledged until the process exits, and the broker gives it to
+        another replica."""
+        while self.server_down.is_set():
+            time.sleep(1.0)
 
     def cancelled(self, request_id: str) -> bool:
         return bool(self.client.exists(self.keys.cancel(request_id)))
@@ -197,7 +207,10 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
     embeddings: EmbeddingRunner | None = None
     rerank: RerankRunner | None = None
     chat: GenerationRunner | None = None
-    if isinstance(engine, ChatEngine):
+    relay_engine: RelayEngine | None = None
+    if isinstance(engine, RelayEngine):
+        relay_engine = engine
+    elif isinstance(engine, ChatEngine):
         chat = GenerationRunner(engine, spec.options.get("reasoning_parser"))
     elif spec.kind == ModelKind.rerank:
         rerank = build_rerank_runner(engine, spec.options, settings.batch_max_wait_ms)
@@ -209,10 +222,43 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
         client, keys, info, settings.heartbeat_interval_s, settings.heartbeat_ttl_s
     )
     _runtime = WorkerRuntime(
-        settings, keys, spec, engine, client, info, lease, announcer, embeddings, rerank, chat
-    )
+        settings, keys, spec, engine, client, info, lease, announcer, embeddings, rerank, chat,
+        relay_engine,
+    )  # fmt: skip
     announcer.stats = _runtime.stats
+    if relay_engine is not None:
+        relay_engine.watch(lambda reason: server_stopped(_runtime, reason))
     return _runtime
+
+
+#: How long the requests in flight get to hear that their server stopped.
+SERVER_EXIT_GRACE_S = 5.0
+
+
+def server_stopped(rt: WorkerRuntime | None, reason: str) -> None:
+    """A relay engine's server stopped while serving: this replica is gone.
+
+    The replica leaves the cluster view at once (no new work is routed to it), the
+    requests it holds are answered with an error by their own threads (their
+    connections to the server broke), the reason is left where the node agent and
+    the API look for why a worker failed, and the process exits non-zero so that
+    the node restarts it, like any other crash. Messages it held but had not
+    started are not acknowledged: the broker hands them to another replica.
+    """
+    log.error("%s; this worker stops", reason)
+    if rt is None:
+        os._exit(4)
+    rt.server_down.set()
+    rt.announcer.stop()
+    record_load_failure(rt.settings, RuntimeError(reason))
+    deadline = time.monotonic() + SERVER_EXIT_GRACE_S
+    while rt.in_flight and time.monotonic() < deadline:
+        time.sleep(0.1)
+    rt.lease.stop()
+    if rt.relay_engine is not None:
+        rt.relay_engine.close()
+    logging.shutdown()
+    os._exit(4)
 
 
 def record_load_failure(settings: Settings, exc: BaseException) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from app.celery_app import CORPUS_SHARD, EMBEDDINGS_TASK, GENERATE_TASK, JOB_TAS
 from app.errors import EngineFailure, InferqError, InvalidRequest
 from app.generation import StreamCoalescer
 from app.jobs.corpus import read_shard, write_shard
-from app.protocol.chat import GenerationTask
+from app.protocol.chat import GenerationTask, RelayTask
 from app.protocol.embeddings import EmbeddingResult, EmbeddingTask
 from app.protocol.rerank import RerankResult, RerankTask
 from app.worker_stats import GENERATED_TOKENS
@@ -59,12 +60,16 @@ def rerank_work(payload: dict[str, Any], deadline: float, lane: int) -> Work:
     return work
 
 
-def generate_work(request_id: str, payload: dict[str, Any]) -> Work:
+def generate_work(
+    request_id: str, payload: dict[str, Any], deadline: float, upstream_id: str | None = None
+) -> Work:
     """Chat and completions. Streamed requests publish each piece as it is made; a
     caller that goes away (or cancels the job) sets the cancel key and generation
     stops within a few tokens."""
 
     def work(rt: WorkerRuntime) -> dict[str, Any]:
+        if rt.relay_engine is not None:
+            return relay_work(rt, request_id, payload, deadline, upstream_id or request_id)
         task = GenerationTask.model_validate(payload)
 
         def emit(delta: dict[str, str]) -> None:
@@ -79,6 +84,34 @@ def generate_work(request_id: str, payload: dict[str, Any]) -> Work:
         return {**result, "replica": rt.info.label}
 
     return work
+
+
+def relay_work(
+    rt: WorkerRuntime, request_id: str, payload: dict[str, Any], deadline: float, upstream_id: str
+) -> dict[str, Any]:
+    """Forward the body to the replica's own server; its events go out as it wrote them."""
+    if "path" not in payload:
+        raise InvalidRequest("this request was queued for another kind of chat engine")
+    task = RelayTask.model_validate(payload)
+    engine = rt.relay_engine
+    assert engine is not None
+
+    def emit(events: str) -> None:
+        rt.publish(request_id, {"sse": events})
+
+    result = engine.relay.run(
+        task.path,
+        task.upstream_body(),
+        request_id=upstream_id,
+        stream=task.stream,
+        should_stop=lambda: rt.cancelled(request_id),
+        deadline=deadline,
+        emit=emit if task.stream else None,
+        window_s=rt.settings.stream_coalesce_ms / 1000.0,
+        reasoning=engine.reasoning,
+    )
+    rt.count(GENERATED_TOKENS, int(result["completion_tokens"]))
+    return {**result, "replica": rt.info.label}
 
 
 def run_guarded(rt: WorkerRuntime, model: str, work: Work, what: str) -> dict[str, Any]:
@@ -101,6 +134,7 @@ def serve(request_id: str, model: str, deadline: float, work: Work, attempt: int
     `attempt` rises when the API lost its result channel and asks again: the reply
     of an earlier attempt may have gone out unheard, so it does not count as one."""
     rt = get_runtime()
+    rt.hold_if_server_down()
     if time.time() > deadline:
         rt.count("expired")  # the caller has already had its 504: do not spend the engine
         return
@@ -137,7 +171,14 @@ def rerank(
 def generate(
     request_id: str, model: str, payload: dict[str, Any], deadline: float, attempt: int = 0
 ) -> None:
-    serve(request_id, model, deadline, generate_work(request_id, payload), attempt)
+    upstream_id = f"{request_id}-{attempt}" if attempt else request_id
+    serve(
+        request_id,
+        model,
+        deadline,
+        generate_work(request_id, payload, deadline, upstream_id),
+        attempt,
+    )
 
 
 def corpus_shard_work(payload: dict[str, Any], deadline: float) -> Work:
@@ -171,7 +212,9 @@ def job_work(job_id: str, task: str, payload: dict[str, Any]) -> Work:
     if task == RERANK_TASK:
         return rerank_work(payload, deadline, BULK)
     if task == GENERATE_TASK:
-        return generate_work(job_id, {**payload, "stream": False})
+        # A job may run again after a takeover: each run is a new request upstream.
+        upstream_id = f"{job_id}-{uuid.uuid4().hex[:8]}"
+        return generate_work(job_id, {**payload, "stream": False}, deadline, upstream_id)
     if task == CORPUS_SHARD:
         return corpus_shard_work(payload, deadline)
     raise InvalidRequest(f"unknown job task {task!r}")
@@ -188,6 +231,7 @@ def job(job_id: str, model: str, task: str, payload: dict[str, Any]) -> None:
     message is then acknowledged and the API's sweeper sends the job again.
     """
     rt = get_runtime()
+    rt.hold_if_server_down()
     store = rt.job_store()
     claim = store.claim(job_id, rt.info.replica_id, rt.replica_alive, rt.settings.job_max_attempts)
     if claim.job is None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.calls import (
     completion_event,
@@ -21,10 +22,14 @@ from api.calls import (
 from api.deps import REPLICA_HEADER, ServicesDep, TimeoutDep
 from api.dispatch import Exchange
 from api.services import Services
+from app.engines import ENGINES
 from app.errors import InferqError
 from app.protocol.chat import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
+
+#: How often a streamed request that waits for its first event checks its caller.
+DISCONNECT_CHECK_S = 0.25
 
 #: With `stream: true` the answer is Server-Sent Events rather than one JSON object;
 #: the schema describes one event (before OpenAPI 3.2, `schema` is per event).
@@ -86,6 +91,52 @@ async def _relay(
         services.spawn(exchange.close())
 
 
+async def _passthrough(
+    services: Services,
+    exchange: Exchange,
+    first: dict[str, Any],
+    rest: AsyncIterator[dict[str, Any]],
+) -> AsyncIterator[bytes]:
+    """Relay a server's own SSE events (a relay engine) as they were written."""
+    try:
+        if "sse" in first:
+            yield first["sse"].encode()
+        async for reply in rest:
+            if "sse" in reply:
+                yield reply["sse"].encode()
+        yield b"data: [DONE]\n\n"
+    except InferqError as exc:
+        yield _sse(exc.to_openai())
+        yield b"data: [DONE]\n\n"
+    finally:
+        services.spawn(exchange.close())
+
+
+async def _relayed_stream(
+    services: Services, exchange: Exchange, request: Request
+) -> StreamingResponse | Response:
+    """A relay engine's stream starts with the server's first event. Waiting for it
+    lets a request the server refuses (a context too long, a schema it cannot
+    compile) be answered with the server's status as an error body, the way
+    OpenAI answers, rather than inside a 200 stream. A caller who leaves while
+    this waits (queueing, a long prefill) cancels the request at once."""
+    replies = exchange.replies()
+    first_reply = asyncio.ensure_future(anext(replies))
+    try:
+        while not first_reply.done():
+            await asyncio.wait({first_reply}, timeout=DISCONNECT_CHECK_S)
+            if not first_reply.done() and await request.is_disconnected():
+                first_reply.cancel()
+                await exchange.close()
+                return Response(status_code=499)
+        first = first_reply.result()
+    except BaseException:
+        first_reply.cancel()
+        await exchange.close()
+        raise
+    return _stream(_passthrough(services, exchange, first, replies))
+
+
 def _stream(events: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(
         events,
@@ -96,7 +147,7 @@ def _stream(events: AsyncIterator[bytes]) -> StreamingResponse:
 
 @router.post("/v1/chat/completions", responses=STREAMED)
 async def chat_completions(
-    body: ChatCompletionRequest, services: ServicesDep, timeout: TimeoutDep
+    body: ChatCompletionRequest, services: ServicesDep, timeout: TimeoutDep, request: Request
 ) -> Any:
     call = await prepare_chat(body, services)
     spec = call.spec
@@ -113,6 +164,8 @@ async def chat_completions(
         payload = render_chat(body, spec.name, result, exchange.request_id, created)
         return JSONResponse(payload, headers={REPLICA_HEADER: result["replica"]})
 
+    if ENGINES[spec.engine].relay:
+        return await _relayed_stream(services, exchange, request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -143,7 +196,9 @@ async def chat_completions(
 
 
 @router.post("/v1/completions", responses=STREAMED)
-async def completions(body: CompletionRequest, services: ServicesDep, timeout: TimeoutDep) -> Any:
+async def completions(
+    body: CompletionRequest, services: ServicesDep, timeout: TimeoutDep, request: Request
+) -> Any:
     call = await prepare_completion(body, services)
     spec = call.spec
     await services.admit(spec)
@@ -163,6 +218,8 @@ async def completions(body: CompletionRequest, services: ServicesDep, timeout: T
         payload = render_completion(body, spec.name, result, exchange.request_id, created)
         return JSONResponse(payload, headers={REPLICA_HEADER: result["replica"]})
 
+    if ENGINES[spec.engine].relay:
+        return await _relayed_stream(services, exchange, request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def piece(delta: dict[str, str]) -> dict[str, Any] | None:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.engines.base import ChatEngine, EmbeddingEngine, RerankEngine
+    from app.engines.base import ChatEngine, EmbeddingEngine, RelayEngine, RerankEngine
     from app.registry import ModelSpec
 
-    Engine = EmbeddingEngine | RerankEngine | ChatEngine
+    Engine = EmbeddingEngine | RerankEngine | ChatEngine | RelayEngine
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,35 @@ class EngineEntry:
     validator: str | None = None
     #: Other device kinds it also runs on (Vastai ships a vLLM build for VACC).
     also_runs_on: frozenset[str] = frozenset()
+    #: The engine is an OpenAI server of its own that requests are forwarded to: it
+    #: validates every chat field and names its own parsers (app/engines/base.py).
+    relay: bool = False
+    #: The registry option that says how many requests a replica runs at once, and its
+    #: default: the worker holds that many messages.
+    slots_option: str = "parallel"
+    default_slots: int = 1
+    #: Chat/completion request fields the engine honours; any other field a caller sets
+    #: is a 400 naming it. Relay engines honour whatever their server does.
+    honours: frozenset[str] = frozenset()
+
+    def slots(self, options: dict[str, Any]) -> int:
+        return max(1, int(options.get(self.slots_option, self.default_slots)))
 
     @property
     def device_kinds(self) -> tuple[str, ...]:
         return (self.device_kind, *sorted(self.also_runs_on))
 
+
+#: What llama.cpp does of a chat/completion request (app/engines/llama_cpp.py); `n`
+#: only at its neutral 1, so it is not listed.
+LLAMA_CPP_FIELDS = frozenset(
+    {
+        *("model", "messages", "prompt", "stream", "stream_options", "user"),
+        *("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop"),
+        *("seed", "presence_penalty", "frequency_penalty", "repetition_penalty"),
+        *("response_format", "chat_template_kwargs", "parallel_tool_calls"),
+    }
+)
 
 ENGINES: dict[str, EngineEntry] = {
     # A bi-encoder; as a rerank model it scores by cosine similarity (app/rerank.py).
@@ -52,14 +76,20 @@ ENGINES: dict[str, EngineEntry] = {
         frozenset({"chat"}),
         "cpu",
         "pip install 'inferq[cpu]'",
+        honours=LLAMA_CPP_FIELDS,
     ),
     "vllm": EngineEntry(
         "app.engines.vllm:VllmEngine",
         frozenset({"chat"}),
         "cuda",
-        "pip install 'inferq[vllm]' on a GPU host, or use the Vastai VACC image",
+        "install vLLM in a virtualenv of its own and name its interpreter in the "
+        "registry (options.python), or run the worker in Vastai's VACC vLLM image",
         validator="app.engines.vllm:validate_spec",
-        also_runs_on=frozenset({"vacc"}),
+        # Vastai ships a vLLM build for VACC; vLLM's CPU build runs on plain cores.
+        also_runs_on=frozenset({"vacc", "cpu"}),
+        relay=True,
+        slots_option="max_num_seqs",
+        default_slots=256,
     ),
     "cross_encoder": EngineEntry(
         "app.engines.cross_encoder:CrossEncoderEngine",

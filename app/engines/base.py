@@ -168,3 +168,31 @@ class ChatEngine(ABC):
     ) -> Iterator[GenerationEvent]:
         """Yield text as it is generated; the last event carries the finish reason
         (`stop` or `length`). `should_stop` is polled every few tokens."""
+
+
+class RelayEngine(ABC):
+    """A chat engine that is a server of its own (vLLM's OpenAI server): the worker
+    forwards each request body to it and passes its answer back as the server wrote
+    it, so every field the server honours (tools, structured output, logprobs, `n`,
+    its parsers) reaches the caller without inferq re-implementing it."""
+
+    kind: ClassVar[str] = "chat"
+    #: Requests the server runs at once; the worker holds as many messages.
+    parallel: int
+    #: The server's context, where the registry declares it.
+    context_length: int | None
+    #: Whether the server splits reasoning out (vLLM's `reasoning` -> `reasoning_content`).
+    reasoning: bool
+    relay: Any
+
+    @classmethod
+    @abstractmethod
+    def load(cls, spec: ModelSpec, devices: list[str]) -> RelayEngine: ...
+
+    @abstractmethod
+    def watch(self, on_exit: Callable[[str], None]) -> None:
+        """Call `on_exit(reason)` if the server stops while it should be serving."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the server and everything it started."""

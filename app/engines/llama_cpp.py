@@ -127,17 +127,17 @@ class LlamaCppEngine(ChatEngine):
         text = ""
         for token in llm.generate(
             prompt,
-            top_k=40,
+            top_k=40 if task.top_k is None else task.top_k,
             top_p=1.0 if task.top_p is None else task.top_p,
             min_p=0.05,
             typical_p=1.0,
             temp=1.0 if task.temperature is None else task.temperature,
             tfs_z=1.0,
-            repeat_penalty=1.0,
+            repeat_penalty=1.0 if task.repetition_penalty is None else task.repetition_penalty,
             frequency_penalty=task.frequency_penalty or 0.0,
             presence_penalty=task.presence_penalty or 0.0,
             stopping_criteria=criteria,
-            grammar=json_grammar() if task.json_mode else None,
+            grammar=json_grammar(task.json_schema) if task.json_mode else None,
         ):
             if llama_vocab_is_eog(llm._model.vocab, token):
                 finish = "stop"
@@ -203,7 +203,19 @@ def add_bos_token(llm: Any) -> bool:
     return str(llm.metadata.get("tokenizer.ggml.add_bos_token", "true")).lower() == "true"
 
 
-def json_grammar() -> Any:
+def json_grammar(schema: dict[str, Any] | None = None) -> Any:
+    """Any JSON value, or with a schema, JSON that satisfies it (llama.cpp's grammar
+    from the schema; a schema it cannot turn into one is the caller's 400)."""
+    import json
+
     from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-    return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    if schema is None:
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    try:
+        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    except Exception as exc:
+        raise InvalidRequest(
+            f"response_format.json_schema cannot be used: {exc}",
+            param="response_format.json_schema.schema",
+        ) from None
