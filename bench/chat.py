@@ -10,7 +10,7 @@ vllm: a tiny random-weight Llama (tests/vllm_models.py) served by vLLM's own
 OpenAI server (the CPU build in `.venv-vllm`), measured directly on that
 server's port and through inferq, whose worker started that very server and
 relays to it, at 1, 8 and 32 concurrent streams of 64 tokens each (ignore_eos,
-so every answer has the same length).
+so every answer has the same length), three rounds a side alternated, medians.
 
 Each prints time to first token (p50), aggregate output tokens/s and their
 ratios, the load client's own CPU share (to show it was not the bottleneck),
@@ -234,8 +234,15 @@ models:
 """
 
 
+#: Rounds per side and concurrency, alternated: a generating vLLM CPU server stalls
+#: this machine for up to ~1.5 s at a time, so short rounds measure the stalls.
+VLLM_ROUNDS = 3
+
+
 def vllm_prompts(concurrency: int) -> list[str]:
-    return [f"stream {i}: " + PROMPTS[i % len(PROMPTS)] for i in range(max(concurrency * 3, 12))]
+    """Six requests per stream (at least 40): rounds of several seconds."""
+    count = max(concurrency * 6, 40)
+    return [f"stream {i}: " + PROMPTS[i % len(PROMPTS)] for i in range(count)]
 
 
 def main_vllm() -> None:
@@ -265,10 +272,14 @@ def main_vllm() -> None:
 
                 run(direct, 8)  # warm up both paths
                 run(deployment.base_url, 8)
+                results["first_token"] = asyncio.run(
+                    interleaved_ttft({"direct": direct, "inferq": deployment.base_url})
+                )
+                print("first token, one request at a time", results["first_token"])
                 for c in VLLM_CONCURRENCY:
                     # Alternated, twice each, so drift of this shared machine hits both.
                     rounds: dict[str, list[dict[str, Any]]] = {"direct": [], "inferq": []}
-                    for _ in range(2):
+                    for _ in range(VLLM_ROUNDS):
                         rounds["direct"].append(run(direct, c))
                         rounds["inferq"].append(run(deployment.base_url, c))
                     for path, measured in rounds.items():
@@ -289,6 +300,11 @@ def main_vllm() -> None:
         print(f"{c:>13} {raw['ttft_p50_ms']:12.1f} {served['ttft_p50_ms']:12.1f} "
               f"{r['ttft_overhead_ms']:9.1f} {raw['tokens_per_s']:13.1f} "
               f"{served['tokens_per_s']:13.1f} {r['tokens_per_s_ratio']:6.2f}")  # fmt: skip
+    first = results["first_token"]
+    print(
+        f"\nfirst token, one request at a time (p50): direct {first['direct_p50_ms']} ms, "
+        f"inferq {first['inferq_p50_ms']} ms, overhead {first['overhead_p50_ms']} ms"
+    )
     path = write_results(
         "chat_vllm",
         {
@@ -303,10 +319,43 @@ def main_vllm() -> None:
     print(f"wrote {path}")
 
 
+async def interleaved_ttft(bases: dict[str, str], requests: int = 60) -> dict[str, Any]:
+    """Time to first token of one short request at a time, the two paths taking turns
+    request by request, each after a pause: what a lone caller waits for, without the
+    stall that follows each generation on this machine landing on one side only."""
+    ttfts: dict[str, list[float]] = {name: [] for name in bases}
+    async with httpx.AsyncClient(timeout=60) as http:
+        for i in range(requests):
+            for name, base in bases.items():
+                await asyncio.sleep(0.3)
+                body = {
+                    "model": "tiny-vllm",
+                    "messages": [{"role": "user", "content": f"question {i}"}],
+                    "max_tokens": 4,
+                    "stream": True,
+                    **VLLM_EXTRA,
+                }
+                started = time.perf_counter()
+                first = None
+                async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+                    async for line in resp.aiter_lines():
+                        if first is None and line.startswith("data: {"):
+                            delta = json.loads(line[6:])["choices"][0]["delta"]
+                            if delta.get("content"):
+                                first = time.perf_counter() - started
+                ttfts[name].append(first or 0.0)
+    out = {f"{name}_p50_ms": round(percentile(v, 50) * 1000, 1) for name, v in ttfts.items()}
+    out["overhead_p50_ms"] = round(out["inferq_p50_ms"] - out["direct_p50_ms"], 1)
+    out["requests"] = requests
+    return out
+
+
 def _mean_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median round of each figure (one stalled round moves a mean a lot)."""
     keys = ("ttft_p50_ms", "tokens_per_s", "client_cpu_share")
-    mean = {k: round(sum(r[k] for r in rounds) / len(rounds), 3) for k in keys}
-    return {**mean, "streams": rounds[0]["streams"], "rounds": len(rounds)}
+    median = {k: round(float(percentile([r[k] for r in rounds], 50)), 3) for k in keys}
+    every = {f"{k}_rounds": [r[k] for r in rounds] for k in ("ttft_p50_ms", "tokens_per_s")}
+    return {**median, **every, "streams": rounds[0]["streams"], "rounds": len(rounds)}
 
 
 if __name__ == "__main__":

@@ -438,14 +438,16 @@ def test_sixteen_streams_are_served_by_one_replica_at_once(stack: VllmStack) -> 
     watcher.start()
     try:
         with ThreadPoolExecutor(16) as pool:
-            assert all(n > 0 for n in pool.map(one, range(16)))
+            pieces = list(pool.map(one, range(16)))
+        assert all(n >= 300 for n in pieces), pieces  # 600 tokens each, streamed
     finally:
         done.set()
         watcher.join()
-    # Most streams had their first token before any stream had its last (a stall of
-    # this machine can hold back a straggler's first), and the server itself ran
-    # (nearly) all of them at once.
-    assert sorted(starts)[11] < min(ends), (sorted(starts), sorted(ends))
+    # The server itself ran (nearly) all of them at once, and most streams had their
+    # first token before half of them had their last (a stall of this machine can hold
+    # back a straggler's events for a second or more).
+    middle = sorted(ends)[8]
+    assert sum(start < middle for start in starts) >= 12, (sorted(starts), sorted(ends))
     assert max(running) >= 12, running
     assert len(ready_workers(stack.view(), "tiny-vllm")) == 1
 

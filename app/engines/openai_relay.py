@@ -211,12 +211,19 @@ class OpenAIRelay:
         usage: dict[str, Any] | None = None
         patience = max(1.0, deadline - time.time())
 
+        # The first two events go out at once: a chat stream opens with an event that
+        # only names the role, and the one after it carries the first token, which is
+        # what a reader waits for. Later ones are joined within the window.
+        immediate = 2
+
         def flush() -> None:
-            nonlocal last_flush
+            nonlocal last_flush, immediate
             if pending and emit is not None:
                 emit(b"".join(pending).decode("utf-8"))
+                if immediate > 0:
+                    immediate -= len(pending)
             pending.clear()
-            last_flush = time.monotonic()
+            last_flush = time.monotonic() if immediate <= 0 else float("-inf")
 
         while True:
             now = time.monotonic()
