@@ -30,7 +30,7 @@ import yaml
 
 from app.cli import build_parser
 from app.engines import ENGINES
-from app.engines.vllm import ENGINE_OPTIONS, family_of
+from app.engines.vllm import KNOWN_OPTIONS, family_of
 from app.placement import NodeView, PlacementError, PlacementRequest, place
 from app.registry import ModelSpec, load_registry
 from app.settings import Settings, parse_device_list
@@ -549,7 +549,7 @@ def test_launched_models_are_valid_registry_entries(compose: str, env_file: str)
             assert family in ("deepseek-r1", "deepseek-v3", "qwen3"), (
                 f"{launch.where}: {spec.path} is none of the vendor guide's vLLM models"
             )
-            known = {*ENGINE_OPTIONS, "mtp", "speculative_config", "reasoning_parser"}
+            known = KNOWN_OPTIONS
             unknown = set(spec.options) - known
             assert not unknown, f"{launch.where}: vLLM does not take options {unknown}"
 
