@@ -162,12 +162,12 @@ class ModelLauncher:
         engine = request.model_engine or getattr(
             self._registry.get(request.model_name), "engine", ""
         )
-        device_kinds = ENGINES[engine].device_kinds if engine in ENGINES else ("cpu",)
         per = request.devices_per_replica
         if per is None and request.wanted_devices:
             # As xinference's gpu_idx: the listed devices are shared out over the replicas.
             per = max(1, len(request.wanted_devices) // request.replica)
         spec = self.build_spec(request, per)
+        device_kinds = ENGINES[engine].kinds_for(spec.path) if engine in ENGINES else ("cpu",)
         wanted = PlacementRequest(
             device_kinds=device_kinds,
             replicas=request.replica,

@@ -38,6 +38,19 @@ class EngineEntry:
     #: is a 400 naming it. Relay engines honour whatever their server does.
     honours: frozenset[str] = frozenset()
 
+    #: "module:function" narrowing the device kinds for one model path (no heavy imports).
+    path_kinds: str | None = None
+
+    def kinds_for(self, path: str) -> tuple[str, ...]:
+        """The device kinds a model at `path` can be placed on."""
+        if self.path_kinds is None:
+            return self.device_kinds
+        module_name, _, func = self.path_kinds.partition(":")
+        kinds: tuple[str, ...] = getattr(importlib.import_module(module_name), func)(
+            path, self.device_kinds
+        )
+        return kinds
+
     def slots(self, options: dict[str, Any]) -> int:
         return max(1, int(options.get(self.slots_option, self.default_slots)))
 
@@ -90,6 +103,7 @@ ENGINES: dict[str, EngineEntry] = {
         relay=True,
         slots_option="max_num_seqs",
         default_slots=256,
+        path_kinds="app.engines.vllm:device_kinds_for",
     ),
     "cross_encoder": EngineEntry(
         "app.engines.cross_encoder:CrossEncoderEngine",

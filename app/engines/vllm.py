@@ -98,6 +98,14 @@ def family_of(path: str) -> str | None:
     return next((f for pattern, f in FAMILIES if re.match(pattern, name, re.I)), None)
 
 
+def device_kinds_for(path: str, kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """The vendor guide's DeepSeek and Qwen3 models need accelerators; any other model
+    may also run on vLLM's CPU build."""
+    if family_of(path) is None:
+        return kinds
+    return tuple(k for k in kinds if k != "cpu")
+
+
 def validate_spec(spec: ModelSpec) -> None:
     """The vendor guide's rules, and options this engine knows; raises ValueError."""
     unknown = sorted(set(spec.options) - KNOWN_OPTIONS)
