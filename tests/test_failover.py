@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -139,3 +141,49 @@ def test_a_message_lost_before_any_worker_accepted_it_is_queued_again(
     finally:
         announcer.stop()
         redis_client.delete(keys.queue_list(queue))
+
+
+def test_a_resent_copy_on_the_replica_that_runs_it_is_not_run_again(
+    inferq_env: dict[str, str], minilm_worker: Any, redis_client: Any
+) -> None:
+    """The API resends a request nobody accepted within a few seconds; when the first
+    copy sat prefetched on the replica that then runs it, the copy must be skipped, not
+    run a second time beside it (a vLLM replica would generate every token twice)."""
+    from app.celery_app import EMBEDDINGS_TASK, create_celery
+    from app.keys import KeySpace
+    from app.settings import Settings
+
+    settings = Settings(
+        redis_url=inferq_env["INFERQ_REDIS_URL"], key_prefix=inferq_env["INFERQ_KEY_PREFIX"]
+    )
+    celery = create_celery(settings)
+    request_id = uuid.uuid4().hex
+    channel = redis_client.pubsub()
+    channel.subscribe(KeySpace(settings.key_prefix).result_channel(request_id))
+    # Long enough that the first copy still runs when the second is taken.
+    texts = [f"copy {i} " + "lorem ipsum dolor sit amet " * 40 for i in range(256)]
+    kwargs = {
+        "request_id": request_id,
+        "model": "minilm",
+        "payload": {"inputs": texts, "truncate": True},
+        "deadline": time.time() + 120,
+    }
+    for _ in range(2):
+        celery.send_task(EMBEDDINGS_TASK, kwargs=kwargs, exchange="", routing_key="model.minilm")
+    finals, accepted = 0, 0
+    quiet_until = 0.0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        message = channel.get_message(timeout=1.0)
+        if message is None or message["type"] != "message":
+            if finals and time.monotonic() > quiet_until:
+                break
+            continue
+        reply = json.loads(message["data"])
+        accepted += "accepted" in reply
+        if "ok" in reply:
+            assert reply["ok"], reply
+            finals += 1
+            quiet_until = time.monotonic() + 5  # room for a second copy's answer
+    channel.close()
+    assert (accepted, finals) == (1, 1), (accepted, finals)

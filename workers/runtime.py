@@ -99,7 +99,8 @@ class WorkerRuntime:
     def claim(self, request_id: str, deadline: float, attempt: int = 0) -> str | None:
         """None if this delivery should run; else why not: "cancelled" (the caller gave
         up), "answered" (another delivery of this attempt replied already) or "running"
-        (another live replica runs it: the broker redelivered it while its lease lapsed).
+        (a live replica, this one included, runs it: the API resent it, or the broker
+        redelivered it).
 
         One round trip on the usual path; a copy of a request whose replica died
         takes the claim over and runs. A later attempt (the API asking again after
@@ -120,9 +121,11 @@ class WorkerRuntime:
             return "cancelled"
         if answered is not None and int(answered) >= attempt:
             return "answered"
-        if claimed or holder is None or holder.decode() == me:
+        if claimed or holder is None:
             return None
-        if self.replica_alive(holder.decode()):
+        # A copy this very replica holds is running in another of its threads (the API
+        # resent it while it sat prefetched here): running it again would double it.
+        if holder.decode() == me or self.replica_alive(holder.decode()):
             return "running"
         self.client.set(claim_key, me, ex=ttl)  # its replica died: this copy carries on
         return None
