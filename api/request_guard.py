@@ -160,6 +160,9 @@ class _GuardedRequest:
         if self.limit is not None and self.received > self.limit:
             raise BodyRejected(self.too_large())
         more = message.get("more_body", False)
+        # Set before any check can refuse this chunk: a refused last chunk leaves nothing
+        # to drain, and waiting for more would hold the 400 back by the body timeout.
+        self.body_done = not more
         if self.utf8 is not None:
             try:
                 self.utf8.decode(chunk, final=not more)
@@ -170,7 +173,6 @@ class _GuardedRequest:
         if self.json:
             self.note(chunk)
         if not more:
-            self.body_done = True
             chunks, self.chunks = self.chunks, []
             if self.suspect:
                 body = b"".join(chunks)

@@ -141,8 +141,11 @@ def test_invalid_utf8_is_400(guarded: Any) -> None:
         b"\xc3\x28",
         b'{"a": "\xed\xa0\x80"}',
     ):
+        started = time.monotonic()
         error = error_of(post_raw(base, "/v1/embeddings", body), 400)
         assert "UTF-8" in error["message"], error
+        # At once: the whole body was in, nothing is left to wait for.
+        assert time.monotonic() - started < 3
 
 
 def test_deeply_nested_json_is_400_at_once(guarded: Any) -> None:
