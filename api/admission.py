@@ -4,7 +4,9 @@ Two bounds, both answered with 429 and `Retry-After` (OpenAI JSON, which the
 `openai` client retries on its own):
 - sync requests in flight in this API process (each holds a connection, a
   reply inbox and its body in memory), checked before the body is parsed (the
-  request guard then reads and drops it, so the 429 is never lost to a reset);
+  request guard then reads and drops it, so the 429 is never lost to a reset).
+  Only callers with a valid key count: a request without one is answered 401
+  at once, so clients without a key cannot fill the slots of those with one;
 - messages waiting in a model's interactive queue, checked before a request is
   queued. The depth is read from Redis at most every 100 ms per model; requests
   this process queued since the last read are added to it, so a burst cannot
@@ -21,9 +23,12 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import Overloaded
+from api.auth import identify
+from api.errors import error_response
+from app.errors import AuthenticationFailed, Overloaded
 from app.keys import KeySpace
 from app.registry import ModelSpec
 from app.settings import Settings
@@ -91,6 +96,11 @@ class InflightLimit:
         if scope["type"] != "http" or scope.get("path") not in SYNC_PATHS:
             await self.app(scope, receive, send)
             return
+        refused = self._unauthenticated(scope)
+        if refused is not None:
+            # Checked before counting: callers without a valid key never take a slot.
+            await error_response(refused)(scope, receive, send)
+            return
         if self.inflight >= self.limit:
             await self._refuse(send)
             return
@@ -99,6 +109,17 @@ class InflightLimit:
             await self.app(scope, receive, send)
         finally:
             self.inflight -= 1
+
+    @staticmethod
+    def _unauthenticated(scope: Scope) -> AuthenticationFailed | None:
+        services = getattr(scope["app"].state, "services", None)
+        if services is None:
+            return None  # not started: the route answers
+        try:
+            identify(services.keyring, Headers(scope=scope).get("authorization"))
+        except AuthenticationFailed as exc:
+            return exc
+        return None
 
     async def _refuse(self, send: Send) -> None:
         error = Overloaded(

@@ -16,14 +16,11 @@ from fastapi import Depends, Header, Request
 
 from api.services import Services, get_services
 from app.errors import AuthenticationFailed, PermissionDenied
-from app.keyring import ANONYMOUS, Caller, Scope
+from app.keyring import ANONYMOUS, Caller, KeyRing, Scope
 
 
-def authenticate(
-    services: Annotated[Services, Depends(get_services)],
-    authorization: Annotated[str | None, Header()] = None,
-) -> Caller:
-    keyring = services.keyring
+def identify(keyring: KeyRing, authorization: str | None) -> Caller:
+    """The caller the Authorization header names; raises AuthenticationFailed."""
     if keyring.open:
         return ANONYMOUS
     scheme, _, token = (authorization or "").partition(" ")
@@ -35,6 +32,13 @@ def authenticate(
     if found is None:
         raise AuthenticationFailed("the API key is not valid")
     return found
+
+
+def authenticate(
+    services: Annotated[Services, Depends(get_services)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Caller:
+    return identify(services.keyring, authorization)
 
 
 CallerInfo = Annotated[Caller, Depends(authenticate)]

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import shutil
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
@@ -37,6 +38,7 @@ from app.errors import InferqError
 from app.jobs.bulk_store import PAGE, BulkStore
 from app.jobs.corpus import assemble, normalise
 from app.jobs.files import FileStore
+from app.jobs.lines import LineTooLong, bounded_lines
 from app.jobs.models import (
     ACTIVE,
     Batch,
@@ -55,6 +57,13 @@ log = logging.getLogger(__name__)
 #: The widest custom_id the job store holds (its column's width).
 MAX_CUSTOM_ID_CHARS = 512
 BULK_PRIORITY = 2  # below the default job priority: interactive first, jobs next, bulk last
+OPEN_BATCH = [
+    BatchStatus.validating,
+    BatchStatus.in_progress,
+    BatchStatus.finalizing,
+    BatchStatus.cancelling,
+]
+OPEN_CORPUS = [CorpusStatus.validating, CorpusStatus.in_progress, CorpusStatus.assembling]
 
 
 def corpus_dir(job_id: str) -> str:
@@ -82,6 +91,8 @@ class BulkCoordinator:
         self._lease = RedisLease(redis_client, f"{keys.prefix}:bulk:coordinator")
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        #: The running step of each batch or corpus job, by id.
+        self._steps: dict[str, asyncio.Task[None]] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="bulk")
@@ -98,39 +109,73 @@ class BulkCoordinator:
 
     async def _loop(self) -> None:
         interval = self._settings.bulk_poll_interval_s
-        while True:
-            try:
-                if await self._lease.hold(max(interval * 5, 30.0)):
-                    await self.advance()
-            except (RedisError, OSError, SQLAlchemyError) as exc:
-                log.warning("bulk step failed: %s", exc)
-            except Exception:
-                log.exception("bulk step failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
-            self._wake.clear()
+        # Each tick renews the lease; items run as tasks of their own across ticks, so
+        # the lease stays renewed while a long validation runs.
+        ttl = max(interval * 5, 30.0)
+        try:
+            while True:
+                try:
+                    if await self._lease.hold(ttl):
+                        await self.advance()
+                    else:
+                        self._cancel_steps()  # another process leads now
+                except (RedisError, OSError, SQLAlchemyError) as exc:
+                    log.warning("bulk step failed: %s", exc)
+                    self._cancel_steps()  # the lease may lapse before it can be renewed
+                except Exception:
+                    log.exception("bulk step failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), interval)
+                self._wake.clear()
+        finally:
+            self._cancel_steps()
+
+    def _cancel_steps(self) -> None:
+        for task in self._steps.values():
+            task.cancel()
+        self._steps.clear()
 
     async def advance(self) -> None:
+        """Start a step for each open batch and corpus job that has none running.
+
+        Each item runs in a task of its own: a slow or failing item never holds back
+        another, and any error but a backend blip ends that item as `failed`."""
+        self._steps = {k: t for k, t in self._steps.items() if not t.done()}
         bulk = self._bulk
-        open_batches = await asyncio.to_thread(
-            bulk.in_status,
-            Batch,
-            [
-                BatchStatus.validating,
-                BatchStatus.in_progress,
-                BatchStatus.finalizing,
-                BatchStatus.cancelling,
-            ],
-        )
+        open_batches = await asyncio.to_thread(bulk.in_status, Batch, OPEN_BATCH)
+        open_corpus = await asyncio.to_thread(bulk.in_status, CorpusJob, OPEN_CORPUS)
+        loop = asyncio.get_running_loop()
         for batch in open_batches:
-            await self._advance_batch(batch)
-        open_corpus = await asyncio.to_thread(
-            bulk.in_status,
-            CorpusJob,
-            [CorpusStatus.validating, CorpusStatus.in_progress, CorpusStatus.assembling],
-        )
+            if batch.id not in self._steps:
+                step = self._isolated(batch.id, self._advance_batch(batch), self._fail_batch, batch)
+                self._steps[batch.id] = loop.create_task(step, name=f"bulk-{batch.id}")
         for job in open_corpus:
-            await self._advance_corpus(job)
+            if job.id not in self._steps:
+                step = self._isolated(job.id, self._advance_corpus(job), self._fail_corpus, job)
+                self._steps[job.id] = loop.create_task(step, name=f"bulk-{job.id}")
+
+    async def wait_idle(self) -> None:
+        """Until the steps started so far are over (for callers that advance by hand)."""
+        await asyncio.gather(*self._steps.values(), return_exceptions=True)
+
+    async def _isolated(
+        self,
+        item_id: str,
+        step: Awaitable[None],
+        fail: Callable[[Any, str, str], Awaitable[None]],
+        item: Any,
+    ) -> None:
+        try:
+            await step
+        except (RedisError, SQLAlchemyError) as exc:
+            # The broker or the database blinked: the item is taken up again next tick.
+            log.warning("bulk step for %s failed: %s", item_id, exc)
+        except Exception as exc:
+            log.exception("bulk step for %s failed; the item fails", item_id)
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            with contextlib.suppress(RedisError, OSError, SQLAlchemyError):
+                await self._stop_children(item_id)
+                await fail(item, "processing_error", f"could not be processed: {reason}")
 
     async def _send_children(self, parent_id: str) -> None:
         while page := await asyncio.to_thread(self._bulk.unsent_children, parent_id):
@@ -205,15 +250,42 @@ class BulkCoordinator:
             await self._fail_batch(batch, "file_not_found", "the input file no longer exists")
             return
         path = self._files.path_of(record)
-        invalid_path = self._batch_path(batch.id, "invalid")
         # Children are sent only once validation is over, so a validation cut off by a
-        # restart left unsent rows at most: start again from the first line.
+        # restart left held rows at most: start again from the first line.
         await asyncio.to_thread(self._bulk.delete_children, batch.id)
+        # Reading and checking lines is blocking work: a thread does it, and only each
+        # body's preparation (model lookup, prompt sizing) comes back to the loop.
+        loop = asyncio.get_running_loop()
+        outcome = await asyncio.to_thread(self._validate_lines, batch, path, loop)
+        if isinstance(outcome, InferqError):
+            await self._fail_batch(batch, outcome.code or "invalid_file", outcome.message)
+            return
+        total, invalid, model = outcome
+        started = await asyncio.to_thread(
+            self._bulk.release_children,
+            Batch,
+            batch.id,
+            [BatchStatus.validating],
+            BatchStatus.in_progress,
+            total=total,
+            invalid=invalid,
+            failed=invalid,
+            model=model,
+            in_progress_at=utcnow(),
+        )
+        if started:
+            await self._send_children(batch.id)
+
+    def _validate_lines(
+        self, batch: Batch, path: Path, loop: asyncio.AbstractEventLoop
+    ) -> tuple[int, int, str | None] | InferqError:
+        """Check every line, write bad ones to the `invalid` file and the rest as held
+        children; (lines, invalid lines, model), or the error that fails the batch."""
+        settings = self._settings
+        invalid_path = self._batch_path(batch.id, "invalid")
         total = invalid = 0
         model: str | None = None
         pending: list[Job] = []
-        created = batch.created_at
-        ttl = batch.expires_at
 
         def bad(out: TextIO, custom_id: Any, code: str, message: str, line: int) -> None:
             nonlocal invalid
@@ -226,9 +298,8 @@ class BulkCoordinator:
             }
             out.write(json.dumps(entry) + "\n")
 
-        async def flush(out: TextIO) -> None:
-            refused = await asyncio.to_thread(self._bulk.add_children, list(pending))
-            for job in refused:
+        def flush(out: TextIO) -> None:
+            for job in self._bulk.add_children(list(pending)):
                 bad(
                     out,
                     job.custom_id,
@@ -238,131 +309,110 @@ class BulkCoordinator:
                 )
             pending.clear()
 
-        with invalid_path.open("w", encoding="utf-8") as out:
-            with path.open(encoding="utf-8", errors="replace") as lines:
-                for number, raw in enumerate(lines, 1):
-                    if not raw.strip():
-                        continue
+        with invalid_path.open("w", encoding="utf-8") as out, path.open("rb") as lines:
+            for number, raw in bounded_lines(lines, settings.bulk_max_line_bytes):
+                if isinstance(raw, LineTooLong):
                     total += 1
-                    if total > self._settings.batch_max_lines:
-                        await self._fail_batch(
-                            batch,
-                            "too_many_lines",
-                            f"the file has more than {self._settings.batch_max_lines} requests",
-                        )
-                        return
-                    try:
-                        line = json.loads(raw)
-                    except ValueError:
-                        bad(out, None, "invalid_json", "not valid JSON", number)
-                        continue
-                    if not isinstance(line, dict):
-                        bad(out, None, "invalid_request", "a line must be a JSON object", number)
-                        continue
-                    custom_id = line.get("custom_id")
-                    if not isinstance(custom_id, str) or not custom_id:
-                        bad(
-                            out,
-                            custom_id,
-                            "missing_custom_id",
-                            "custom_id must be a string",
-                            number,
-                        )
-                        continue
-                    if len(custom_id) > MAX_CUSTOM_ID_CHARS or "\x00" in custom_id:
-                        bad(
-                            out,
-                            custom_id,
-                            "invalid_custom_id",
-                            f"custom_id must be at most {MAX_CUSTOM_ID_CHARS} characters "
-                            "and hold no NUL",
-                            number,
-                        )
-                        continue
-                    if line.get("method", "POST") != "POST":
-                        bad(out, custom_id, "invalid_method", "method must be POST", number)
-                        continue
-                    url = line.get("url")
-                    if url not in CALLS:
-                        bad(out, custom_id, "invalid_url", f"url {url!r} is not supported", number)
-                        continue
-                    if url != batch.endpoint:
-                        bad(
-                            out,
-                            custom_id,
-                            "mismatched_url",
-                            f"url {url!r} is not this batch's endpoint {batch.endpoint!r}",
-                            number,
-                        )
-                        continue
-                    call = CALLS[url]
-                    try:
-                        body = call.parse(line.get("body"))
-                        if getattr(body, "stream", False):
-                            raise InferqError("a batch request cannot stream", code="invalid_body")
-                        if model is not None and body.model != model:
-                            bad(
-                                out,
-                                custom_id,
-                                "model_mismatch",
-                                f"model {body.model!r} differs from the batch's {model!r}",
-                                number,
-                            )
-                            continue
-                        prepared = await call.prepare(body, self._services)
-                    except InferqError as exc:
-                        bad(out, custom_id, exc.code or "invalid_body", exc.message, number)
-                        continue
-                    model = prepared.spec.name
-                    pending.append(
-                        Job(
-                            id=new_job_id(),
-                            owner=batch.owner,
-                            endpoint=url,
-                            model=prepared.spec.name,
-                            task=prepared.task,
-                            status=JobStatus.queued,
-                            priority=BULK_PRIORITY,
-                            request=line["body"],
-                            request_hash=request_fingerprint(line["body"]),
-                            payload=prepared.payload,
-                            attempts=0,
-                            created_at=created,
-                            expires_at=ttl,
-                            webhook_attempts=0,
-                            parent_id=batch.id,
-                            seq=number - 1,
-                            custom_id=custom_id,
-                        )
+                    bad(
+                        out,
+                        None,
+                        "line_too_long",
+                        f"the line is {raw.size} bytes; at most {settings.bulk_max_line_bytes}",
+                        number,
                     )
-                    if len(pending) >= PAGE:
-                        await flush(out)
+                    continue
+                if not raw.strip():
+                    continue
+                total += 1
+                if total > settings.batch_max_lines:
+                    return InferqError(
+                        f"the file has more than {settings.batch_max_lines} requests",
+                        code="too_many_lines",
+                    )
+                checked = self._check_line(batch, raw, model, loop)
+                if isinstance(checked, tuple):
+                    code, message, custom_id = checked
+                    bad(out, custom_id, code, message, number)
+                    continue
+                model = checked.model
+                checked.seq = number - 1
+                pending.append(checked)
+                if len(pending) >= PAGE:
+                    flush(out)
             if pending:
-                await flush(out)
-        await asyncio.to_thread(
-            self._bulk.move,
-            Batch,
-            batch.id,
-            [BatchStatus.validating],
-            BatchStatus.in_progress,
-            total=total,
-            invalid=invalid,
-            failed=invalid,
-            model=model,
-            in_progress_at=utcnow(),
+                flush(out)
+        return total, invalid, model
+
+    def _check_line(
+        self, batch: Batch, raw: bytes, model: str | None, loop: asyncio.AbstractEventLoop
+    ) -> Job | tuple[str, str, Any]:
+        """The line's child job, or (code, message, custom_id) saying why it is refused."""
+        try:
+            line = json.loads(raw.decode("utf-8", errors="replace"))
+        except ValueError:
+            return "invalid_json", "not valid JSON", None
+        except RecursionError:
+            return "invalid_json", "the JSON is nested too deeply", None
+        if not isinstance(line, dict):
+            return "invalid_request", "a line must be a JSON object", None
+        custom_id = line.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            return "missing_custom_id", "custom_id must be a string", custom_id
+        if len(custom_id) > MAX_CUSTOM_ID_CHARS or "\x00" in custom_id:
+            message = f"custom_id must be at most {MAX_CUSTOM_ID_CHARS} characters and hold no NUL"
+            return "invalid_custom_id", message, custom_id
+        if line.get("method", "POST") != "POST":
+            return "invalid_method", "method must be POST", custom_id
+        url = line.get("url")
+        if not isinstance(url, str) or url not in CALLS:
+            return "invalid_url", f"url {str(url)[:200]!r} is not supported", custom_id
+        if url != batch.endpoint:
+            message = f"url {url!r} is not this batch's endpoint {batch.endpoint!r}"
+            return "mismatched_url", message, custom_id
+        call = CALLS[url]
+        try:
+            body = call.parse(line.get("body"))
+            if getattr(body, "stream", False):
+                raise InferqError("a batch request cannot stream", code="invalid_body")
+            if model is not None and body.model != model:
+                message = f"model {body.model!r} differs from the batch's {model!r}"
+                return "model_mismatch", message, custom_id
+            future = asyncio.run_coroutine_threadsafe(call.prepare(body, self._services), loop)
+            prepared = future.result()
+        except InferqError as exc:
+            return exc.code or "invalid_body", exc.message, custom_id
+        except RecursionError:
+            return "invalid_body", "the body is nested too deeply", custom_id
+        return Job(
+            id=new_job_id(),
+            owner=batch.owner,
+            endpoint=url,
+            model=prepared.spec.name,
+            task=prepared.task,
+            status=JobStatus.held,
+            priority=BULK_PRIORITY,
+            request=line["body"],
+            request_hash=request_fingerprint(line["body"]),
+            payload=prepared.payload,
+            attempts=0,
+            created_at=batch.created_at,
+            expires_at=batch.expires_at,
+            webhook_attempts=0,
+            parent_id=batch.id,
+            custom_id=custom_id,
         )
-        await self._send_children(batch.id)
 
     async def _fail_batch(self, batch: Batch, code: str, message: str) -> None:
         await asyncio.to_thread(
             self._bulk.move,
             Batch,
             batch.id,
-            [batch.status],
+            OPEN_BATCH,
             BatchStatus.failed,
             failed_at=utcnow(),
             errors=[{"code": code, "message": message, "line": None, "param": None}],
         )
+        await asyncio.to_thread(self._bulk.delete_children, batch.id, True)
 
     async def _finish_batch(self, batch_id: str, final: str, stamp: str | None) -> None:
         batch = await asyncio.to_thread(self._bulk.get, Batch, batch_id)
@@ -496,11 +546,16 @@ class BulkCoordinator:
         except InferqError as exc:
             await self._fail_corpus(job, exc.code or "invalid_file", exc.message)
             return
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            await self._fail_corpus(job, "invalid_file", f"the file could not be read: {exc}")
+        except (RedisError, SQLAlchemyError):
+            raise  # a backend blip: the split is done again next tick
+        except Exception as exc:
+            # Whatever the file made its reader raise (a CSV or Arrow error, bad UTF-8,
+            # nesting too deep): this corpus job fails, no other is touched.
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            await self._fail_corpus(job, "invalid_file", f"the file could not be read: {reason}")
             return
-        await asyncio.to_thread(
-            self._bulk.move,
+        started = await asyncio.to_thread(
+            self._bulk.release_children,
             CorpusJob,
             job.id,
             [CorpusStatus.validating],
@@ -509,7 +564,8 @@ class BulkCoordinator:
             texts_total=texts,
             started_at=utcnow(),
         )
-        await self._send_children(job.id)
+        if started:
+            await self._send_children(job.id)
 
     def _write_shard_jobs(self, job: CorpusJob, source: Path, target: Path) -> tuple[int, int]:
         """Normalise the input and add one child job per shard; (shards, texts)."""
@@ -518,7 +574,13 @@ class BulkCoordinator:
         page: list[Job] = []
         shards = texts = 0
         for shard in normalise(
-            source, job.input_format, target, job.shard_size, job.text_field, job.id_field
+            source,
+            job.input_format,
+            target,
+            job.shard_size,
+            job.text_field,
+            job.id_field,
+            self._settings.bulk_max_line_bytes,
         ):
             shards, texts = shard.index + 1, shard.first + shard.count
             payload = {
@@ -535,7 +597,7 @@ class BulkCoordinator:
                     endpoint="corpus",
                     model=job.model,
                     task=CORPUS_SHARD,
-                    status=JobStatus.queued,
+                    status=JobStatus.held,
                     priority=BULK_PRIORITY,
                     request={"shard": shard.index, "count": shard.count},
                     request_hash=request_fingerprint(payload),
@@ -560,11 +622,12 @@ class BulkCoordinator:
             self._bulk.move,
             CorpusJob,
             job.id,
-            [job.status],
+            OPEN_CORPUS,
             CorpusStatus.failed,
             finished_at=utcnow(),
             error={"code": code, "message": message},
         )
+        await asyncio.to_thread(self._bulk.delete_children, job.id, True)
 
     async def _assemble(self, job_id: str) -> None:
         job = await asyncio.to_thread(self._bulk.get, CorpusJob, job_id)

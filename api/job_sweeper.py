@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.jobs import JobQueue
-from api.lease import RedisLease
+from api.lease import LeaseLost, RedisLease
 from api.webhooks import deliver
 from app.keys import KeySpace
 from app.settings import Settings
@@ -42,18 +42,23 @@ class JobSweeper:
         self._keys = keys
         self._settings = settings
         self._lease = RedisLease(redis_client, f"{keys.prefix}:jobs:sweeper")
-        self._task: asyncio.Task[None] | None = None
+        self._webhook_lease = RedisLease(redis_client, f"{keys.prefix}:jobs:webhooks")
+        self._tasks: list[asyncio.Task[None]] = []
         self._http: httpx.AsyncClient | None = None
 
     def start(self) -> None:
         self._http = httpx.AsyncClient(timeout=self._settings.webhook_timeout_s)
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="job-sweeper")
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._loop(), name="job-sweeper"),
+            loop.create_task(self._webhook_loop(), name="job-webhooks"),
+        ]
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         if self._http:
             await self._http.aclose()
 
@@ -69,6 +74,21 @@ class JobSweeper:
                 log.exception("job sweep failed")
             await asyncio.sleep(interval)
 
+    async def _webhook_loop(self) -> None:
+        """Deliveries run apart from the sweep, under a lease of their own: a slow target
+        delays other webhooks by its deadline at most, and never expiry or resending."""
+        interval = self._settings.job_sweep_interval_s
+        ttl = max(interval * 3, self._settings.webhook_timeout_s * 2)
+        while True:
+            try:
+                if await self._webhook_lease.hold(ttl):
+                    await self._webhook_lease.run_held(self._deliver_webhooks(), ttl)
+            except (RedisError, OSError, SQLAlchemyError, LeaseLost) as exc:
+                log.warning("webhook delivery round failed: %s", exc)
+            except Exception:
+                log.exception("webhook delivery round failed")
+            await asyncio.sleep(interval)
+
     async def sweep(self) -> None:
         settings, store = self._settings, self._store
         await asyncio.to_thread(store.expire, settings.job_retention_s)
@@ -76,7 +96,6 @@ class JobSweeper:
         await asyncio.to_thread(store.purge, 2 * settings.job_retention_s)
         await self._resend_queued()
         await self._resend_orphaned()
-        await self._deliver_webhooks()
 
     async def _resend_queued(self) -> None:
         """Never sent (the broker was down at submit), or sent but gone from the queue."""
@@ -108,9 +127,21 @@ class JobSweeper:
     async def _deliver(self, job: Any) -> None:
         settings = self._settings
         assert self._http is not None
-        error = await deliver(
-            self._http, job.webhook_url, self._queue.view(job), settings.webhook_allow_loopback
-        )
+        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        try:
+            view = self._queue.view(job)
+        except Exception as exc:  # a job that cannot be shown is still marked attempted
+            log.exception("job %s could not be rendered for its webhook", job.id)
+            view, error = None, f"the job could not be rendered: {type(exc).__name__}"
+        if view is not None:
+            error = await deliver(
+                self._http,
+                job.webhook_url,
+                view,
+                settings.webhook_allow_loopback,
+                settings.webhook_timeout_s,
+                secret,
+            )
         attempt = job.webhook_attempts + 1
         retry_in = None
         if error is not None and attempt < settings.webhook_max_attempts:

@@ -113,11 +113,12 @@ class JobQueue:
         except (RedisError, OSError) as exc:
             log.warning("could not signal job %s to stop: %s", job_id, exc)
 
-    def view(self, job: Job) -> dict[str, Any]:
-        """The job object clients see; a succeeded job carries the sync response."""
+    def view(self, job: Job, with_result: bool = True) -> dict[str, Any]:
+        """The job object clients see; a succeeded job carries the sync response, except
+        in a listing (`with_result=False`: `result` is null there)."""
         settings = self._settings
         result: dict[str, Any] | None = None
-        if job.status == JobStatus.succeeded and job.result is not None:
+        if with_result and job.status == JobStatus.succeeded and job.result is not None:
             call = CALLS.get(job.endpoint)
             if call is None:  # a corpus shard: its result is a reference to its files
                 result = job.result

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -127,7 +127,14 @@ class Settings(BaseSettings):
         description="A queued job whose message is nowhere to be seen after "
         "this long is queued again (duplicates are harmless: a job is claimed once).",
     )
-    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, description="Overall deadline of one webhook delivery."
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs webhook deliveries (Standard Webhooks: webhook-id, "
+        "webhook-timestamp, webhook-signature); a `whsec_` secret is base64.",
+    )
     webhook_max_attempts: int = Field(default=5, ge=1)
     webhook_backoff_s: float = Field(default=2.0, gt=0, description="First retry delay; doubles.")
     webhook_allow_loopback: bool = Field(
@@ -140,6 +147,12 @@ class Settings(BaseSettings):
     files_dir: Path | None = Field(default=None, description="Default: <data_dir>/files.")
     max_upload_bytes: int = Field(default=8 * 1024**3, gt=0)
     batch_max_lines: int = Field(default=50_000, gt=0)
+    bulk_max_line_bytes: int = Field(
+        default=16 * 1024**2,
+        gt=0,
+        description="Longest line of a batch or JSONL/text corpus file; a longer one is an "
+        "error line, never read into memory whole.",
+    )
     corpus_shard_size: int = Field(default=1000, gt=0)
     bulk_poll_interval_s: float = Field(
         default=1.0, gt=0, description="How often batches and corpus jobs are advanced."

@@ -3,6 +3,7 @@ never a hang, and the work that was admitted is answered."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -93,4 +94,41 @@ def test_async_jobs_queue_up_to_their_own_bound(
         assert refused.json()["error"]["code"] == "job_queue_full"
         assert refused.headers["retry-after"] == "2"
     finally:
+        api.stop()
+
+
+def test_clients_without_a_key_never_take_the_in_flight_slots(
+    inferq_env: dict[str, str], log_dir: Path, minilm_worker: Proc
+) -> None:
+    """Eight connections without a valid key, each trickling a body that never ends,
+    against a limit of four in flight: a keyed client is still answered."""
+    env = {
+        **inferq_env,
+        "INFERQ_API_KEYS": "sk-bp-valid",
+        "INFERQ_MAX_INFLIGHT_REQUESTS": "4",
+    }
+    api, base = start_api(env, log_dir)
+    host, port = base.removeprefix("http://").split(":")
+    sockets: list[socket.socket] = []
+    try:
+        for i in range(8):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            key = "" if i % 2 else "Authorization: Bearer sk-made-up\r\n"
+            head = (
+                f"POST /v1/embeddings HTTP/1.1\r\nHost: {host}\r\n{key}"
+                "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+            )
+            sock.sendall(head.encode() + b'{"model": "minilm", "input": "')
+            sockets.append(sock)
+        time.sleep(1)  # all eight are in the server, their bodies unfinished
+        reply = httpx.post(
+            f"{base}/v1/embeddings",
+            json={"model": "minilm", "input": "keyed"},
+            headers={"Authorization": "Bearer sk-bp-valid"},
+            timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+    finally:
+        for sock in sockets:
+            sock.close()
         api.stop()

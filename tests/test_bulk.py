@@ -20,6 +20,7 @@ from tests.procs import ROOT, Proc, alive_replica_count, start_api, start_worker
 from tests.stack import KEY_A, KEY_B, Stack, running_stack
 
 UPLOAD_LIMIT = 4 * 1024 * 1024
+LINE_LIMIT = 256 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,11 @@ def stack(
         database_urls("sqlite", "bulk"),
         log_dir,
         ("minilm", "smollm2"),
-        {"INFERQ_FILES_DIR": str(files), "INFERQ_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)},
+        {
+            "INFERQ_FILES_DIR": str(files),
+            "INFERQ_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+            "INFERQ_BULK_MAX_LINE_BYTES": str(LINE_LIMIT),
+        },
     ) as built:
         yield built
 
@@ -400,3 +405,134 @@ def test_corpus_job_resumes_after_the_api_and_every_worker_restart(
         assert redone <= state["progress"]["shards_total"] - 3  # finished shards not redone
     finally:
         second.stop()
+
+
+# ---- one owner's bad file never holds back another's work ----------------------------
+
+
+def _upload(http: httpx.Client, name: str, data: bytes, purpose: str) -> str:
+    resp = http.post("/v1/files", data={"purpose": purpose}, files={"file": (name, data)})
+    assert resp.status_code == 200, resp.text
+    return str(resp.json()["id"])
+
+
+def _wait_corpus(http: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while (state := http.get(f"/v1/corpus-jobs/{job_id}").json())["status"] not in (
+        "completed",
+        "failed",
+        "cancelled",
+    ):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.3)
+    return dict(state)
+
+
+def test_poison_files_end_alone_and_another_owners_batch_still_runs(stack: Stack) -> None:
+    """A line nested 5,000 deep, a line over the length bound, a corpus whose JSON
+    nesting breaks the parser and a batch whose file vanished from disk: each ends as
+    an error line or a failed item, and another owner's batch behind them completes."""
+    line = {"custom_id": "ok", "method": "POST", "url": "/v1/embeddings"}
+    good = {**line, "body": {"model": "minilm", "input": "fine"}}
+    rows = [
+        good,
+        "[" * 5000,
+        {**line, "custom_id": "long", "body": {"model": "minilm", "input": "y" * LINE_LIMIT}},
+        {**good, "custom_id": "after"},
+    ]
+    with stack.http() as http:
+        poisoned = http.post(
+            "/v1/batches",
+            json={
+                "input_file_id": _upload(http, "p.jsonl", _jsonl(rows), "batch"),
+                "endpoint": "/v1/embeddings",
+                "completion_window": "24h",
+            },
+        ).json()
+        corpus = http.post(
+            "/v1/corpus-jobs",
+            json={
+                "file_id": _upload(http, "c.jsonl", b'{"text": "a"}\n' + b"[" * 5000, "corpus"),
+                "model": "minilm",
+            },
+        ).json()
+        vanished_id = _upload(http, "v.jsonl", _jsonl([good]), "batch")
+        for path in Path(stack.env["INFERQ_FILES_DIR"]).rglob(vanished_id):
+            path.unlink()
+        vanished = http.post(
+            "/v1/batches",
+            json={
+                "input_file_id": vanished_id,
+                "endpoint": "/v1/embeddings",
+                "completion_window": "24h",
+            },
+        ).json()
+    client = openai.OpenAI(base_url=f"{stack.base}/v1", api_key=KEY_A, max_retries=0)
+    other = openai.OpenAI(base_url=f"{stack.base}/v1", api_key=KEY_B, max_retries=0)
+    uploaded = other.files.create(file=("b.jsonl", io.BytesIO(_jsonl([good]))), purpose="batch")
+    theirs = other.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    assert _wait_batch(other, theirs.id, timeout=60).status == "completed"
+
+    done = _wait_batch(client, poisoned["id"])
+    assert done.status == "completed", done
+    errors = sorted(
+        (e["error"]["message"].split(":")[0], e["custom_id"], e["error"])
+        for e in _lines(client, done.error_file_id)
+    )
+    assert [(line, custom_id) for line, custom_id, _ in errors] == [
+        ("line 2", None),
+        ("line 3", None),
+    ], errors
+    nested, long_line = (error for _, _, error in errors)
+    assert nested["code"] == "invalid_json" and "nested" in nested["message"], nested
+    assert long_line["code"] == "line_too_long", long_line
+    assert f"at most {LINE_LIMIT}" in long_line["message"], long_line
+    assert [r["custom_id"] for r in _lines(client, done.output_file_id)] == ["ok", "after"]
+    assert _wait_batch(client, vanished["id"]).status == "failed"
+    with stack.http() as http:
+        state = _wait_corpus(http, corpus["id"])
+    assert state["status"] == "failed" and state["error"]["code"] == "invalid_file", state
+
+
+def test_shards_of_a_corpus_that_fails_part_way_never_run(stack: Stack) -> None:
+    """Shards are written in pages while the file is read; none may be sent before the
+    whole file was read. A record near the end without text fails the job after more
+    than 500 shards were written: not one of them runs."""
+    before = stack.worker_stats(stack.workers["minilm"], "minilm")
+    records = [json.dumps({"text": f"t{i}"}) for i in range(1300)] + ['{"other": 1}']
+    with stack.http() as http:
+        job = http.post(
+            "/v1/corpus-jobs",
+            json={
+                "file_id": _upload(http, "f.jsonl", "\n".join(records).encode(), "corpus"),
+                "model": "minilm",
+                "shard_size": 2,
+            },
+        ).json()
+        state = _wait_corpus(http, job["id"])
+        assert state["status"] == "failed", state
+        time.sleep(3)  # several sweeps: a sendable shard would be sent by now
+    after = stack.worker_stats(stack.workers["minilm"], "minilm")
+    ran = {k: after.get(k, 0) - before.get(k, 0) for k in after if k.startswith("jobs_")}
+    assert not any(ran.values()), ran
+
+
+def test_a_corpus_of_600_shards_completes(stack: Stack) -> None:
+    texts = [f"short text {i}" for i in range(1200)]
+    records = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    with stack.http() as http:
+        job = http.post(
+            "/v1/corpus-jobs",
+            json={
+                "file_id": _upload(http, "many.jsonl", records.encode(), "corpus"),
+                "model": "minilm",
+                "shard_size": 2,
+            },
+        ).json()
+        state = _wait_corpus(http, job["id"], timeout=300)
+        assert state["status"] == "completed", state
+        assert state["progress"]["shards_total"] == 600
+        content = http.get(f"/v1/files/{state['output_file_id']}/content").text
+    assert len(content.splitlines()) == len(texts)

@@ -167,3 +167,67 @@ def test_expiry_of_unstarted_jobs_and_of_old_results(store: JobStore) -> None:
     assert expired.error and expired.error["code"] == "expired"
     old = store.get(done.id)
     assert old and old.status == JobStatus.expired and old.result is None
+
+
+def _child(parent_id: str, seq: int, status: str = JobStatus.held) -> Job:
+    from app.jobs.store import new_job_id, request_fingerprint
+
+    now = utcnow()
+    return Job(
+        id=new_job_id(),
+        owner="o",
+        endpoint="corpus",
+        model="minilm",
+        task="inferq.corpus_shard",
+        status=status,
+        priority=2,
+        request={"shard": seq},
+        request_hash=request_fingerprint({"shard": seq}),
+        payload={"index": seq},
+        attempts=0,
+        created_at=now,
+        expires_at=now + timedelta(hours=1),
+        webhook_attempts=0,
+        parent_id=parent_id,
+        seq=seq,
+    )
+
+
+def test_children_are_not_sendable_until_their_parent_releases_them(store: JobStore) -> None:
+    """The sweeper sends whatever `queued_unseen` returns: children written while the
+    parent's file is still being read must not be among them."""
+    from app.jobs.bulk_store import BulkStore
+    from app.jobs.models import CorpusJob, CorpusStatus
+
+    bulk = BulkStore(store._sessions.kw["bind"])
+    now = utcnow()
+    parent = CorpusJob(
+        id="corpus-held",
+        owner="o",
+        file_id="file-x",
+        model="minilm",
+        status=CorpusStatus.validating,
+        input_format="jsonl",
+        output_format="jsonl",
+        shard_size=1,
+        created_at=now,
+    )
+    bulk.add(parent)
+    assert bulk.add_children([_child(parent.id, i) for i in range(600)]) == []
+    assert [j for j in store.queued_unseen(0.0, limit=1000) if j.parent_id == parent.id] == []
+    assert bulk.release_children(
+        CorpusJob, parent.id, [CorpusStatus.validating], CorpusStatus.in_progress, shards_total=600
+    )
+    sendable = [j for j in store.queued_unseen(0.0, limit=1000) if j.parent_id == parent.id]
+    assert len(sendable) == 600
+
+
+def test_a_child_place_holds_one_job(store: JobStore) -> None:
+    """A split or validation run twice (two coordinators) cannot add a shard twice."""
+    from app.jobs.bulk_store import BulkStore
+
+    bulk = BulkStore(store._sessions.kw["bind"])
+    assert bulk.add_children([_child("corpus-twice", 0), _child("corpus-twice", 1)]) == []
+    refused = bulk.add_children([_child("corpus-twice", 1)])
+    assert [j.seq for j in refused] == [1]
+    assert bulk.child_counts("corpus-twice") == {JobStatus.held: 2}

@@ -209,6 +209,10 @@ def test_list_filters_and_paginates_newest_first(stack: Stack) -> None:
         assert rest["data"][0]["id"] == ids[0]
         done = http.get("/v1/jobs", params={"status": "succeeded", "limit": 100}).json()
         assert set(ids) <= {j["id"] for j in done["data"]}
+        # A listing never carries results (vectors of up to 100 jobs); one job does.
+        assert all(j["result"] is None for j in done["data"]), done["data"][0]
+        one = http.get(f"/v1/jobs/{ids[0]}").json()
+        assert len(one["result"]["data"][0]["embedding"]) == 384
         assert http.get("/v1/jobs", params={"status": "sleeping"}).status_code == 400
 
 

@@ -57,3 +57,30 @@ def test_replica_heartbeat_expires_and_withdraws(
     assert asyncio.run(alive())[0] == 1
     time.sleep(0.4)
     assert asyncio.run(alive())[0] == 0
+
+
+def test_a_leader_lease_stays_held_while_its_work_runs(redis_url: str, key_prefix: str) -> None:
+    """Work longer than the lease's TTL keeps it (renewed while it runs): a second API
+    process never takes it meanwhile, and takes it once the work is over."""
+    from api.lease import RedisLease
+
+    async def main() -> list[bool]:
+        client = aioredis.Redis.from_url(redis_url)
+        key = f"{key_prefix}:test:leader"
+        first, second = RedisLease(client, key), RedisLease(client, key)
+        seen: list[bool] = []
+
+        async def work() -> None:
+            for _ in range(12):  # 2.4 s, four TTLs
+                seen.append(await second.hold(0.6))
+                await asyncio.sleep(0.2)
+
+        assert await first.hold(0.6)
+        await first.run_held(work(), 0.6)
+        await first.release()
+        seen.append(await second.hold(0.6))
+        await client.aclose()
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen == [False] * 12 + [True], seen

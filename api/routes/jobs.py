@@ -119,7 +119,7 @@ async def list_jobs(
     page, more = await asyncio.to_thread(
         jobs.store.list, owner, status=status, model=model, limit=limit, after=after
     )
-    data = [jobs.view(job) for job in page]
+    data = [jobs.view(job, with_result=False) for job in page]
     return list_page(data, more)
 
 

@@ -72,6 +72,26 @@ class BulkStore:
             session.commit()
         return bool(done)
 
+    def release_children(
+        self, kind: type[Parent], parent_id: str, from_: Sequence[str], to: str, **values: Any
+    ) -> bool:
+        """Move the parent on (as `move`) and make its held children sendable, in one
+        transaction: either the parent started and all its children can run, or neither."""
+        with self._sessions() as session:
+            done = session.execute(
+                update(kind)
+                .where(kind.id == parent_id, kind.status.in_(from_))
+                .values(status=to, **values)
+            ).rowcount
+            if done:
+                session.execute(
+                    update(Job)
+                    .where(Job.parent_id == parent_id, Job.status == JobStatus.held)
+                    .values(status=JobStatus.queued)
+                )
+            session.commit()
+        return bool(done)
+
     def set(self, kind: type[Parent], parent_id: str, **values: Any) -> None:
         with self._sessions() as session:
             session.execute(update(kind).where(kind.id == parent_id).values(**values))
@@ -99,10 +119,14 @@ class BulkStore:
                     refused.append(job)
         return refused
 
-    def delete_children(self, parent_id: str) -> None:
-        """Start a split or validation over (the last one was cut off part way)."""
+    def delete_children(self, parent_id: str, held_only: bool = False) -> None:
+        """Start a split or validation over (the last one was cut off part way), or drop
+        the held children of a parent that failed before it released them."""
+        query = delete(Job).where(Job.parent_id == parent_id)
+        if held_only:
+            query = query.where(Job.status == JobStatus.held)
         with self._sessions() as session:
-            session.execute(delete(Job).where(Job.parent_id == parent_id))
+            session.execute(query)
             session.commit()
 
     def unsent_children(self, parent_id: str, limit: int = PAGE) -> list[Job]:
@@ -165,7 +189,7 @@ class BulkStore:
             )
             session.execute(
                 update(Job)
-                .where(Job.parent_id == parent_id, Job.status.in_(ACTIVE))
+                .where(Job.parent_id == parent_id, Job.status.in_([*ACTIVE, JobStatus.held]))
                 .values(
                     status=JobStatus.cancelled,
                     finished_at=now,

@@ -22,6 +22,7 @@ import numpy as np
 
 from app.errors import InvalidRequest
 from app.jobs.files import fsync_replace
+from app.jobs.lines import LineTooLong, bounded_lines
 
 INPUT_FORMATS = ("jsonl", "csv", "parquet", "text")
 OUTPUT_FORMATS = ("jsonl", "parquet", "npy")
@@ -38,34 +39,82 @@ def input_format_of(filename: str) -> str:
     return "text"
 
 
-def _records(path: Path, fmt: str) -> Iterator[dict[str, Any] | str]:
-    if fmt == "text":
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                text = line.rstrip("\r\n")
-                if text.strip():
-                    yield text
-    elif fmt == "jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    raise InvalidRequest(f"line {number} is not valid JSON") from None
-                yield record
-    elif fmt == "csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            yield from csv.DictReader(handle)
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
+#: The most a Parquet column chunk may unpack to: a small file whose pages or
+#: dictionary decompress to gigabytes is refused before it is read.
+MAX_PARQUET_CHUNK_BYTES = 1024**3
 
-        parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(batch_size=4096):
-            yield from batch.to_pylist()
+
+def _lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, str]]:
+    with path.open("rb") as handle:
+        for number, raw in bounded_lines(handle, max_line_bytes):
+            if isinstance(raw, LineTooLong):
+                raise InvalidRequest(
+                    f"line {number} is {raw.size} bytes; at most {max_line_bytes}",
+                    code="line_too_long",
+                )
+            yield number, raw.decode("utf-8")
+
+
+def _records(path: Path, fmt: str, max_line_bytes: int) -> Iterator[dict[str, Any] | str]:
+    if fmt == "text":
+        for _, line in _lines(path, max_line_bytes):
+            text = line.rstrip("\r\n")
+            if text.strip():
+                yield text
+    elif fmt == "jsonl":
+        for number, line in _lines(path, max_line_bytes):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                raise InvalidRequest(f"line {number} is not valid JSON") from None
+            yield record
+    elif fmt == "csv":
+        if csv.field_size_limit() < max_line_bytes:
+            csv.field_size_limit(max_line_bytes)
+        yield from csv.DictReader(line for _, line in _lines(path, max_line_bytes))
+    elif fmt == "parquet":
+        yield from _parquet_records(path, max_line_bytes)
     else:
         raise InvalidRequest(f"unknown input format {fmt!r}")
+
+
+def _parquet_records(path: Path, max_value_bytes: int) -> Iterator[dict[str, Any]]:
+    """Rows one at a time. String columns are read as dictionaries, so a value that
+    many rows repeat is unpacked once, and each value is checked before it is made
+    into a Python string."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    meta = parquet.metadata
+    for group in range(meta.num_row_groups):
+        for column in range(meta.num_columns):
+            size = meta.row_group(group).column(column).total_uncompressed_size
+            if size > MAX_PARQUET_CHUNK_BYTES:
+                raise InvalidRequest(
+                    f"a Parquet column chunk unpacks to {size} bytes; "
+                    f"at most {MAX_PARQUET_CHUNK_BYTES}"
+                )
+    strings = [
+        f.name
+        for f in parquet.schema_arrow
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+    ]
+    parquet = pq.ParquetFile(path, read_dictionary=strings)
+    for batch in parquet.iter_batches(batch_size=1024):
+        columns = {name: batch.column(name) for name in batch.schema.names}
+        for name, values in columns.items():
+            if pa.types.is_dictionary(values.type):
+                longest = pc.max(pc.binary_length(values.dictionary)).as_py()
+                if longest is not None and longest > max_value_bytes:
+                    raise InvalidRequest(
+                        f"a value of column {name!r} is {longest} bytes; at most {max_value_bytes}"
+                    )
+        for row in range(batch.num_rows):
+            yield {name: values[row].as_py() for name, values in columns.items()}
 
 
 def _text_and_id(
@@ -104,6 +153,7 @@ def normalise(
     shard_size: int,
     text_field: str | None,
     id_field: str | None,
+    max_line_bytes: int = 16 * 1024**2,
 ) -> Iterator[Shard]:
     """Rewrite `source` as normalised JSONL at `target`, yielding shards as they close."""
     tmp = target.with_suffix(".part")
@@ -111,7 +161,7 @@ def normalise(
     shard_number = 0
     try:
         with tmp.open("wb") as out:
-            for record in _records(source, fmt):
+            for record in _records(source, fmt, max_line_bytes):
                 text, ident = _text_and_id(record, index, text_field, id_field)
                 out.write(json.dumps({"id": ident, "text": text}, ensure_ascii=False).encode())
                 out.write(b"\n")

@@ -38,6 +38,9 @@ class Base(DeclarativeBase):
 
 
 class JobStatus(enum.StrEnum):
+    #: A batch line or corpus shard written while its parent is still being read: not
+    #: sendable until the parent releases its children all at once (`queued`).
+    held = "held"
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -63,7 +66,9 @@ class Job(Base):
         Index("ix_jobs_owner_id", "owner", "id"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         Index("ix_jobs_webhook_status_webhook_next_at", "webhook_status", "webhook_next_at"),
-        Index("ix_jobs_parent_id_seq", "parent_id", "seq"),
+        # One child per place in its parent: a split or validation run twice cannot
+        # insert a line or shard twice.
+        Index("uq_jobs_parent_id_seq", "parent_id", "seq", unique=True),
         UniqueConstraint("parent_id", "custom_id", name="uq_jobs_parent_id_custom_id"),
     )
 

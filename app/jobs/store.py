@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import Engine, case, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from app.db import session_factory
 from app.errors import Conflict
@@ -156,8 +156,14 @@ class JobStore:
         limit: int = 20,
         after: str | None = None,
     ) -> tuple[list[Job], bool]:
-        """Newest first; `after` is the last id of the previous page."""
-        query = select(Job).where(Job.owner == owner)
+        """Newest first; `after` is the last id of the previous page. Results, requests
+        and payloads are not loaded: a page of 100 jobs of large vectors would fill the
+        API's memory (a client fetches one job for its result)."""
+        query = (
+            select(Job)
+            .options(defer(Job.result), defer(Job.request), defer(Job.payload))
+            .where(Job.owner == owner)
+        )
         if status:
             query = query.where(Job.status == status)
         if model:
