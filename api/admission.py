@@ -93,7 +93,12 @@ class InflightLimit:
         self.inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") not in SYNC_PATHS:
+        # Only the routes' own method: any other is the router's 405, key or not.
+        if (
+            scope["type"] != "http"
+            or scope.get("path") not in SYNC_PATHS
+            or scope.get("method") != "POST"
+        ):
             await self.app(scope, receive, send)
             return
         refused = self._unauthenticated(scope)
