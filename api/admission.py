@@ -26,9 +26,9 @@ from redis.exceptions import RedisError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.auth import identify
 from api.errors import error_response
 from app.errors import AuthenticationFailed, Overloaded
+from app.keyring import identify
 from app.keys import KeySpace
 from app.registry import ModelSpec
 from app.settings import Settings

@@ -15,23 +15,8 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from api.services import Services, get_services
-from app.errors import AuthenticationFailed, PermissionDenied
-from app.keyring import ANONYMOUS, Caller, KeyRing, Scope
-
-
-def identify(keyring: KeyRing, authorization: str | None) -> Caller:
-    """The caller the Authorization header names; raises AuthenticationFailed."""
-    if keyring.open:
-        return ANONYMOUS
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise AuthenticationFailed(
-            "no API key: send `Authorization: Bearer <key>`", code="missing_api_key"
-        )
-    found = keyring.identify(token.strip())
-    if found is None:
-        raise AuthenticationFailed("the API key is not valid")
-    return found
+from app.errors import PermissionDenied
+from app.keyring import Caller, Scope, identify
 
 
 def authenticate(

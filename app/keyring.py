@@ -27,6 +27,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app.errors import AuthenticationFailed
+
 
 class Scope(StrEnum):
     inference = "inference"  # embeddings, rerank, chat, completions, the model list
@@ -144,3 +146,18 @@ def _read_keys_file(path: Path) -> list[_Entry]:
         )
         for e in parsed.keys
     ]
+
+
+def identify(keyring: KeyRing, authorization: str | None) -> Caller:
+    """The caller the Authorization header names; raises AuthenticationFailed."""
+    if keyring.open:
+        return ANONYMOUS
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed(
+            "no API key: send `Authorization: Bearer <key>`", code="missing_api_key"
+        )
+    found = keyring.identify(token.strip())
+    if found is None:
+        raise AuthenticationFailed("the API key is not valid")
+    return found
