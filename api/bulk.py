@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -64,6 +65,21 @@ OPEN_BATCH = [
     BatchStatus.cancelling,
 ]
 OPEN_CORPUS = [CorpusStatus.validating, CorpusStatus.in_progress, CorpusStatus.assembling]
+ENDED_CORPUS = [CorpusStatus.completed, CorpusStatus.failed, CorpusStatus.cancelled]
+#: A corpus working directory whose job this database does not know is removed this old.
+ORPHAN_AGE_S = 7 * 24 * 3600.0
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
+#: How often expired files and ended corpus jobs' working files are deleted.
+HOUSEKEEPING_INTERVAL_S = 10.0
+HOUSEKEEPING = "housekeeping"
 
 
 def corpus_dir(job_id: str) -> str:
@@ -91,8 +107,9 @@ class BulkCoordinator:
         self._lease = RedisLease(redis_client, f"{keys.prefix}:bulk:coordinator")
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        #: The running step of each batch or corpus job, by id.
+        #: The running step of each batch or corpus job, by id (and the housekeeping).
         self._steps: dict[str, asyncio.Task[None]] = {}
+        self._housekept = float("-inf")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="bulk")
@@ -153,6 +170,40 @@ class BulkCoordinator:
             if job.id not in self._steps:
                 step = self._isolated(job.id, self._advance_corpus(job), self._fail_corpus, job)
                 self._steps[job.id] = loop.create_task(step, name=f"bulk-{job.id}")
+        now = loop.time()
+        if now - self._housekept >= HOUSEKEEPING_INTERVAL_S and HOUSEKEEPING not in self._steps:
+            self._housekept = now
+            self._steps[HOUSEKEEPING] = loop.create_task(
+                self._housekeep(), name="bulk-housekeeping"
+            )
+
+    async def _housekeep(self) -> None:
+        """Delete expired files, and the working files of corpus jobs that have ended."""
+        try:
+            gone = await asyncio.to_thread(self._files.delete_expired)
+            if gone:
+                log.info("deleted %d expired file(s)", gone)
+            await asyncio.to_thread(self._remove_ended_corpus_work)
+        except (OSError, SQLAlchemyError) as exc:
+            log.warning("housekeeping failed: %s", exc)
+
+    def _remove_ended_corpus_work(self) -> None:
+        """A corpus job's normalised input and shards are only needed while it is open:
+        once it completed, failed or was cancelled (or is gone), its directory goes."""
+        root = self._files.root / corpus_dir("")
+        if not root.is_dir():
+            return
+        names = [p.name for p in root.iterdir() if p.is_dir()]
+        for start in range(0, len(names), PAGE):
+            some = names[start : start + PAGE]
+            ended = self._bulk.among(CorpusJob, some, ENDED_CORPUS)
+            known = self._bulk.among(CorpusJob, some, [*OPEN_CORPUS, *ENDED_CORPUS])
+            for name in some:
+                # A directory of no job here may belong to another deployment sharing the
+                # files directory: only an old one (its job purged) is removed.
+                unknown_and_old = name not in known and _older_than(root / name, ORPHAN_AGE_S)
+                if name in ended or unknown_and_old:
+                    shutil.rmtree(root / name, ignore_errors=True)
 
     async def wait_idle(self) -> None:
         """Until the steps started so far are over (for callers that advance by hand)."""
@@ -656,9 +707,5 @@ class BulkCoordinator:
             ids_file_id=ids_id,
             finished_at=utcnow(),
         )
-        await asyncio.to_thread(_remove_shards, directory)
-
-
-def _remove_shards(directory: Path) -> None:
-    for path in directory.glob("shard-*"):
-        path.unlink(missing_ok=True)
+        # Its outputs were moved into the file store: the input copy and shards go.
+        await asyncio.to_thread(shutil.rmtree, directory, True)

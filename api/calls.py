@@ -46,6 +46,8 @@ class Prepared:
     spec: ModelSpec
     task: str
     payload: dict[str, Any]
+    #: Inputs the engine will run (texts, documents): what admission plans with.
+    work: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ async def prepare_embeddings(body: EmbeddingRequest, services: Services) -> Prep
     note_model(spec.name)
     check_input_limits(body.input, services.settings)
     task = EmbeddingTask(inputs=body.input, truncate=body.truncate, dimensions=body.dimensions)
-    return Prepared(body, spec, EMBEDDINGS_TASK, task.model_dump())
+    return Prepared(body, spec, EMBEDDINGS_TASK, task.model_dump(), len(body.input))
 
 
 def render_embeddings(
@@ -105,7 +107,7 @@ async def prepare_rerank(body: RerankRequest, services: Services) -> Prepared:
     check_input_limits(body.documents, services.settings, param="documents")
     check_input_limits([body.query], services.settings, param="query")
     task = RerankTask(query=body.query, documents=body.documents, truncate=body.truncate)
-    return Prepared(body, spec, RERANK_TASK, task.model_dump())
+    return Prepared(body, spec, RERANK_TASK, task.model_dump(), len(body.documents))
 
 
 def render_rerank(

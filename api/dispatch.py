@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -38,10 +39,13 @@ from app.errors import (
     InferqError,
     ModelUnavailable,
     RequestTimedOut,
+    backend_reason,
 )
 from app.keys import KeySpace
 from app.registry import ModelSpec
 from app.replicas import count_alive, describe_load_error, parse_load_error
+
+log = logging.getLogger(__name__)
 
 #: How long a request waits for the result channel to come back (after its
 #: connection to Redis dropped) before it is answered 503.
@@ -205,7 +209,10 @@ class Dispatcher:
         try:
             count = await count_alive(self._client, self._keys, model)
         except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"the queue backend is unreachable: {exc}") from None
+            log.warning("Redis did not answer a replica count: %s", exc)
+            raise BackendUnavailable(
+                f"the queue backend is unreachable: {backend_reason(exc)}"
+            ) from None
         self._alive_cache[model] = (now, count)
         return count
 
@@ -295,5 +302,8 @@ class Dispatcher:
                 expires=expires,
             )
         except (OperationalError, RedisError, OSError) as exc:
-            raise BackendUnavailable(f"could not queue the request: {exc}") from None
+            log.warning("could not queue a request: %s", exc)
+            raise BackendUnavailable(
+                f"could not queue the request: {backend_reason(exc)}"
+            ) from None
         exchange.last_send = time.monotonic()

@@ -1,8 +1,9 @@
 """The job sweeper: what keeps jobs moving when no request touches them.
 
 Every few seconds one API process (whichever holds a short Redis lease) sends
-jobs whose message was never sent or has vanished, sends again jobs whose
-worker died without the broker redelivering them, expires jobs past their
+jobs whose message was never sent or has vanished, sends again running jobs
+whose lease ran out (worker died, hung, or could not record the outcome)
+without the broker redelivering them, expires jobs past their
 time, and delivers due webhooks. Each step is safe to repeat: the job store
 lets only one delivery of a job run (app/jobs/store.py).
 """
@@ -22,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from api.jobs import JobQueue
 from api.lease import LeaseLost, RedisLease
 from api.webhooks import deliver
+from app.jobs.store import utcnow
 from app.keys import KeySpace
 from app.settings import Settings
 
@@ -98,25 +100,32 @@ class JobSweeper:
         await self._resend_orphaned()
 
     async def _resend_queued(self) -> None:
-        """Never sent (the broker was down at submit), or sent but gone from the queue."""
-        jobs = await asyncio.to_thread(self._store.queued_unseen, self._settings.job_resend_after_s)
-        depth: dict[str, int] = {}
-        for job in jobs:
-            if job.sent_at is not None:
-                if job.model not in depth:
-                    depth[job.model] = await self._queue.bulk_depth(job.model)
-                if depth[job.model] > 0:
-                    continue  # still waiting its turn, most likely
+        """Never sent (the broker was down at submit), or sent but gone from the queue.
+
+        Never-sent jobs come first, then each model on its own: a model whose queue
+        holds a long backlog is skipped as a whole, so its waiting jobs never hide
+        another model's lost ones."""
+        store, after = self._store, self._settings.job_resend_after_s
+        for job in await asyncio.to_thread(store.queued_never_sent):
             await self._queue.send(job)
+        for model in await asyncio.to_thread(store.models_sent_long_ago, after):
+            if await self._queue.bulk_depth(model) > 0:
+                continue  # still waiting their turn, most likely
+            for job in await asyncio.to_thread(store.queued_sent_long_ago, model, after):
+                await self._queue.send(job)
 
     async def _resend_orphaned(self) -> None:
-        """Running on a replica that is gone, and the broker has not redelivered it."""
+        """Running, but its replica is gone or its lease ran out (the attempt ended
+        unrecorded, or hangs past the run timeout), and the broker has not redelivered it."""
         grace = self._settings.visibility_timeout_s * 2 + self._settings.job_resend_after_s
-        jobs = await asyncio.to_thread(self._store.running_since, grace)
+        jobs = await asyncio.to_thread(self._store.running_unheld, grace)
+        now = utcnow()
         for job in jobs:
-            if job.replica_id and await self._redis.exists(self._keys.replica_info(job.replica_id)):
+            leased = job.lease_until is None or job.lease_until > now
+            replica = job.replica_id
+            if leased and replica and await self._redis.exists(self._keys.replica_info(replica)):
                 continue
-            log.info("job %s lost its worker; sending it again", job.id)
+            log.info("job %s lost its run; sending it again", job.id)
             await self._queue.send(job)
 
     async def _deliver_webhooks(self) -> None:

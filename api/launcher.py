@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,11 +25,20 @@ from redis.exceptions import LockError, RedisError
 from api.cluster_reads import ClusterState, read_cluster
 from app.cluster_state import NODE_RECONCILE_TASK, Assignment, Deployment
 from app.engines import ENGINES
-from app.errors import BackendUnavailable, Conflict, InferqError, InvalidRequest, ModelNotFound
+from app.errors import (
+    BackendUnavailable,
+    Conflict,
+    InferqError,
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    backend_reason,
+)
 from app.keys import KeySpace, node_queue
 from app.placement import NodeView, PlacementError, PlacementRequest, place
 from app.protocol.launch import LaunchRequest
 from app.registry import ModelSpec, Placement, Registry
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +91,66 @@ def _address(state: ClusterState, assignment: Assignment) -> str | None:
     return node.report.address if node and node.report else None
 
 
+#: Options that choose what runs on the node (a program, an interpreter, its
+#: environment): the registry may set them, a launch request may not.
+#: `extra_args` and `speculative_config` too: they may name other files (`--model`,
+#: `--tokenizer`, a draft model) past the model-root check.
+REGISTRY_ONLY_OPTIONS = ("command", "python", "env", "extra_args", "speculative_config")
+
+
+def check_launch_policy(request: LaunchRequest, base: ModelSpec | None, settings: Settings) -> None:
+    """What a launch request may ask nodes to run, whatever its key.
+
+    An admin key is a network credential, not a shell on every node: a path outside
+    the operator's model roots, a model's own Python code or a program of the
+    request's choosing need the operator's say-so in settings or the registry."""
+    path = request.model_path
+    if path and path.startswith("package:") and ".." in path.split("/"):
+        raise PermissionDenied(
+            f"model_path {path!r} leaves its package",
+            param="model_path",
+            code="model_path_not_allowed",
+        )
+    if path and path != (base.path if base else None) and not path.startswith("package:"):
+        roots = [os.path.normpath(r) for r in settings.model_roots]
+        where = os.path.normpath(path)
+        inside = os.path.isabs(where) and any(
+            where == root or where.startswith(root.rstrip(os.sep) + os.sep) for root in roots
+        )
+        if not inside:
+            allowed = ", ".join(roots) if roots else "none are configured"
+            raise PermissionDenied(
+                f"model_path {path!r} is not under a model root (INFERQ_MODEL_ROOTS: {allowed})",
+                param="model_path",
+                code="model_path_not_allowed",
+            )
+    options = request.model_options
+    for name in REGISTRY_ONLY_OPTIONS:
+        if name in options:
+            raise PermissionDenied(
+                f"model_options.{name} chooses what runs on the node: set it in the registry",
+                param=f"model_options.{name}",
+                code="option_not_allowed",
+            )
+    if options.get("trust_remote_code") and not settings.launch_allow_trust_remote_code:
+        raise PermissionDenied(
+            "trust_remote_code runs the model's own Python on the node; the operator has "
+            "not allowed it for launches (INFERQ_LAUNCH_ALLOW_TRUST_REMOTE_CODE)",
+            param="model_options.trust_remote_code",
+            code="option_not_allowed",
+        )
+
+
 class ModelLauncher:
     def __init__(
-        self, client: aioredis.Redis, keys: KeySpace, registry: Registry, celery: Celery
+        self,
+        client: aioredis.Redis,
+        keys: KeySpace,
+        registry: Registry,
+        celery: Celery,
+        settings: Settings,
     ) -> None:
+        self._settings = settings
         self._client = client
         self._keys = keys
         self._registry = registry
@@ -94,6 +160,7 @@ class ModelLauncher:
         """The spec the replicas serve: the registry entry named by model_name, if any,
         with what the request overrides; otherwise everything from the request."""
         base = self._registry.get(request.model_name)
+        check_launch_policy(request, base, self._settings)
         kind = request.kind or (base.kind if base else None)
         engine = request.model_engine or (base.engine if base else None)
         path = request.model_path or (base.path if base else None)
@@ -305,7 +372,10 @@ class ModelLauncher:
                 "another launch holds the cluster lock; try again", code="launch_busy"
             ) from None
         except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"the cluster state is unreachable: {exc}") from None
+            log.warning("the cluster state is unreachable: %s", exc)
+            raise BackendUnavailable(
+                f"the cluster state is unreachable: {backend_reason(exc)}"
+            ) from None
 
     def _registry_names(self) -> list[str]:
         return [m.name for m in self._registry.models]

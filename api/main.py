@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
 from redis.exceptions import RedisError
 
@@ -20,6 +19,7 @@ from api.job_sweeper import JobSweeper
 from api.jobs import JobQueue
 from api.launcher import ModelLauncher
 from api.metrics import install_metrics
+from api.redis_client import api_redis, fit_to_server
 from api.request_guard import RequestGuard
 from api.results import ResultRouter
 from api.routes import (
@@ -42,7 +42,7 @@ from app.celery_app import create_celery
 from app.db import engine_for
 from app.jobs.bulk_store import BulkStore
 from app.jobs.files import FileStore
-from app.jobs.migrate import schema_problem
+from app.jobs.migrate import SchemaBehind, schema_problem
 from app.jobs.store import JobStore
 from app.keyring import KeyRing, Scope
 from app.keys import KeySpace
@@ -62,7 +62,7 @@ def open_job_store(settings: Settings) -> JobStore:
         raise
     if problem:
         engine.dispose()
-        raise RuntimeError(problem)
+        raise SchemaBehind(problem)
     return JobStore(engine)
 
 
@@ -85,9 +85,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys = KeySpace(settings.key_prefix)
-        client = aioredis.Redis.from_url(
-            settings.require_redis_url(), socket_connect_timeout=2, socket_timeout=5
-        )
+        client = api_redis(settings)
+        await fit_to_server(client)
         router = ResultRouter(client, keys)
         await router.start()
         celery = create_celery(settings)
@@ -100,7 +99,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         services = Services(settings, registry, keys, client, router, dispatcher)
         services.keyring = keyring
         services.admission = QueueAdmission(client, keys, settings)
-        services.launcher = ModelLauncher(client, keys, registry, celery)
+        services.admission.start()
+        services.launcher = ModelLauncher(client, keys, registry, celery, settings)
         refresher = asyncio.create_task(_refresh_launched(services))
         sweepers: list[JobSweeper] = []
         coordinators: list[BulkCoordinator] = []
@@ -127,6 +127,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             yield
         finally:
             refresher.cancel()
+            await services.admission.stop()
             for sweeper in sweepers:
                 await sweeper.stop()
             for coordinator in coordinators:
@@ -142,7 +143,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         retry_after_s=settings.overload_retry_after_s,
     )
     app.add_middleware(
-        RequestGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+        RequestGuard,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        upload_max_bytes=settings.max_upload_bytes,
     )
     install_metrics(app)
     app.include_router(health.router)

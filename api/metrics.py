@@ -62,6 +62,8 @@ LATENCY_BUCKETS = (
 UNMATCHED = "unmatched"
 #: A scrape must answer even when Redis does not; the cluster part is left out then.
 REFRESH_TIMEOUT_S = 3.0
+#: A cluster read serves every scrape within this long of it.
+SNAPSHOT_MAX_AGE_S = 1.0
 
 
 # ---- requests -----------------------------------------------------------------------
@@ -261,17 +263,27 @@ class ClusterCollector(Collector):
 
     Collectors are called synchronously, and the API's Redis client is async,
     so the route awaits `refresh` first; between scrapes nothing is kept fresh
-    and nothing runs."""
+    and nothing runs. A snapshot serves every scrape within a second of it."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_age_s: float = SNAPSHOT_MAX_AGE_S) -> None:
         self.snapshot: ClusterSnapshot | None = None
+        self._max_age_s = max_age_s
+        self._read_at = float("-inf")
+        self._lock = asyncio.Lock()
 
     async def refresh(self, services: Services) -> None:
-        try:
-            self.snapshot = await asyncio.wait_for(read_cluster(services), REFRESH_TIMEOUT_S)
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("metrics: could not read the cluster from Redis: %s", exc)
-            self.snapshot = ClusterSnapshot({}, redis_up=False)
+        """Read the cluster unless a read younger than `max_age_s` stands: /metrics needs
+        no key, so scrapers (or anyone) hitting it in a loop cost Redis one read a second,
+        and concurrent scrapes share the read in progress."""
+        async with self._lock:
+            if time.monotonic() - self._read_at < self._max_age_s:
+                return
+            try:
+                self.snapshot = await asyncio.wait_for(read_cluster(services), REFRESH_TIMEOUT_S)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("metrics: could not read the cluster from Redis: %s", exc)
+                self.snapshot = ClusterSnapshot({}, redis_up=False)
+            self._read_at = time.monotonic()
 
     def collect(self) -> Iterable[Metric]:
         snap = self.snapshot

@@ -9,7 +9,8 @@ route and
 - counts a body's bytes as they arrive and answers 413 as soon as they pass
   INFERQ_MAX_BODY_BYTES, or at once, before reading anything, when the request's
   Content-Length says so. Uploads (`POST /v1/files`) are spooled to disk and
-  bounded by INFERQ_MAX_UPLOAD_BYTES in their route instead;
+  bounded the same way by INFERQ_MAX_UPLOAD_BYTES (and a little for their
+  multipart framing), chunked ones included: the spool never outgrows it;
 - answers 408 when the whole body has not arrived INFERQ_BODY_TIMEOUT_S after
   the request's headers did. An upload may take as long as it needs while its
   bytes keep coming: for it the timeout runs between two chunks;
@@ -55,6 +56,7 @@ from app.errors import BodyTimedOut, InferqError, InvalidRequest, PayloadTooLarg
 
 #: Routes whose bodies are uploads (multipart, spooled to disk, with their own limit).
 UPLOAD_ROUTES = frozenset({("POST", "/v1/files")})
+UPLOAD_FRAMING = 64 * 1024
 
 #: Bytes that may start what JSON's grammar allows Python but not text or numbers:
 #: a non-finite literal, or a surrogate's escape.
@@ -79,10 +81,13 @@ def _is_json(content_type: str) -> bool:
 class RequestGuard:
     """ASGI middleware: see the module's docstring."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, timeout_s: float, upload_max_bytes: int
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.upload_max_bytes = upload_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,7 +105,8 @@ class _GuardedRequest:
         self.timeout_s = guard.timeout_s
         self.deadline = asyncio.get_running_loop().time() + guard.timeout_s
         self.upload = (scope["method"], scope["path"]) in UPLOAD_ROUTES
-        self.limit = None if self.upload else guard.max_bytes
+        # An upload's multipart framing and form fields come on top of the file's bytes.
+        self.limit = guard.upload_max_bytes + UPLOAD_FRAMING if self.upload else guard.max_bytes
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "").strip()
         self.declared = int(declared) if declared.isdigit() else None
@@ -114,6 +120,12 @@ class _GuardedRequest:
         self.started = False
 
     def too_large(self) -> PayloadTooLarge:
+        if self.upload:
+            return PayloadTooLarge(
+                f"the upload is larger than {self.limit - UPLOAD_FRAMING} bytes "
+                "(INFERQ_MAX_UPLOAD_BYTES)",
+                param="file",
+            )
         return PayloadTooLarge(
             f"the request body is larger than {self.limit} bytes (INFERQ_MAX_BODY_BYTES)"
         )
@@ -122,7 +134,7 @@ class _GuardedRequest:
         if "\x00" in self.scope["path"] or b"%00" in self.scope["query_string"]:
             await self.reply(InvalidRequest("the URL holds a NUL byte (%00)", code="invalid_url"))
             return
-        if self.limit is not None and self.declared is not None and self.declared > self.limit:
+        if self.declared is not None and self.declared > self.limit:
             await self.reply(self.too_large())
             return
         try:
@@ -157,7 +169,7 @@ class _GuardedRequest:
             return message
         chunk: bytes = message.get("body", b"")
         self.received += len(chunk)
-        if self.limit is not None and self.received > self.limit:
+        if self.received > self.limit:
             raise BodyRejected(self.too_large())
         more = message.get("more_body", False)
         # Set before any check can refuse this chunk: a refused last chunk leaves nothing

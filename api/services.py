@@ -13,19 +13,20 @@ import redis.asyncio as aioredis
 from fastapi import Request
 
 if TYPE_CHECKING:
-    from api.admission import QueueAdmission
     from api.bulk import BulkCoordinator
     from api.launcher import ModelLauncher
 
+from api.admission import Admitted, QueueAdmission
 from api.dispatch import Dispatcher
 from api.jobs import JobQueue
 from api.results import ResultRouter
-from app.errors import BackendUnavailable, InvalidRequest, ModelNotFound
+from app.errors import BackendUnavailable, InvalidRequest, ModelNotFound, backend_reason
 from app.jobs.bulk_store import BulkStore
 from app.jobs.files import FileStore
+from app.jobs.migrate import SchemaBehind
 from app.keyring import KeyRing
 from app.keys import KeySpace
-from app.prompt_size import PromptSizer, sizer_for
+from app.prompt_size import PromptSizer, PromptSizers
 from app.registry import ModelSpec, Registry
 from app.settings import Settings
 
@@ -62,13 +63,11 @@ class Services:
     jobs_problem: str | None = "the job store is not configured"
     started_at: int = field(default_factory=lambda: int(time.time()))
     _jobs_checked: float = 0.0
-    _sizers: dict[str, PromptSizer | None] = field(default_factory=dict)
+    _sizers: PromptSizers = field(default_factory=PromptSizers)
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def prompt_sizer(self, spec: ModelSpec) -> PromptSizer | None:
-        if spec.name not in self._sizers:
-            self._sizers[spec.name] = sizer_for(spec)
-        return self._sizers[spec.name]
+        return self._sizers.get(spec)
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run clean-up outside the current (possibly cancelled) task, keeping a reference."""
@@ -82,8 +81,12 @@ class Services:
             try:
                 self.jobs, self.bulk = self.open_jobs()
                 self.jobs_problem = None
-            except Exception as exc:
+            except SchemaBehind as exc:
                 self.jobs_problem = str(exc)
+            except Exception as exc:
+                # The driver's text names hosts and users: the log gets it, clients do not.
+                log.warning("the job database cannot be opened: %s", exc)
+                self.jobs_problem = f"the job database is unreachable: {backend_reason(exc)}"
         return self.jobs
 
     def require_jobs(self) -> JobQueue:
@@ -100,10 +103,12 @@ class Services:
         assert self.bulk is not None
         return self.bulk
 
-    async def admit(self, spec: ModelSpec) -> None:
-        """Refuse (429) a sync request for a model whose queue is full."""
-        if self.admission is not None:
-            await self.admission.admit(spec)
+    async def admit(self, spec: ModelSpec, work: int = 0, timeout: float | None = None) -> Admitted:
+        """Refuse (429) a sync request for a model whose queue is full, or whose queued
+        work would not let this one (`work` inputs) finish within `timeout`."""
+        if self.admission is None:
+            return Admitted()
+        return await self.admission.admit(spec, work, timeout)
 
     def model_names(self) -> list[str]:
         """Registry models, then launched ones: every name a request may use."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ from app.worker_stats import FixedHistogram
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Batches the replica's rate is measured over.
+RATE_BATCHES = 32
 
 INTERACTIVE = 0
 BULK = 1
@@ -85,23 +89,47 @@ class BatchStats:
     efficiencies: FixedHistogram = field(
         default_factory=lambda: FixedHistogram(ws.PADDING_EFFICIENCY, ws.PADDING_EFFICIENCY_BOUNDS)
     )
+    #: Busy wall time: each batch's run, and the gap before it when it was ready.
+    engine_seconds: float = 0.0
+    #: (items, seconds) of the latest batches: the replica's rate when it is kept busy.
+    recent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=RATE_BATCHES))
 
     @property
     def padding_efficiency(self) -> float:
         return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
 
-    def record(self, size: int, real: int, computed: int) -> None:
-        """One batch that ran: `real` tokens of input padded to `computed`."""
+    def record(
+        self, size: int, real: int, computed: int, seconds: float = 0.0, full: bool = True
+    ) -> None:
+        """One batch that ran: `real` tokens of input padded to `computed`, in `seconds`.
+        Only `full` batches (at least half their bucket's size) set the rate: a trickle
+        of one-input batches would make the replica look slower than it runs loaded."""
         self.batches += 1
+        self.engine_seconds += seconds
+        if full or not self.recent:
+            self.recent.append((size, seconds))
         self.items += size
         self.real_tokens += real
         self.computed_tokens += computed
         self.sizes.observe(size)
         self.efficiencies.observe(real / computed if computed else 1.0)
 
+    def items_per_second(self) -> float:
+        """Inputs per busy second over the latest batches; 0 before any ran.
+
+        A batch's time runs from the end of the one before when it was ready then
+        (the replica was kept busy), else from its start: what the replica finishes
+        per second of wall time under load, which admission (api/admission.py)
+        plans with to refuse work that would miss its deadline."""
+        recent = list(self.recent)
+        seconds = sum(s for _, s in recent)
+        return sum(n for n, _ in recent) / seconds if seconds > 0 else 0.0
+
     def as_dict(self) -> dict[str, float]:
         """The flat hash the heartbeat writes; field names in app/worker_stats.py."""
         return {
+            ws.ITEMS_PER_SECOND: self.items_per_second(),
+            ws.ENGINE_SECONDS: self.engine_seconds,
             ws.BATCHES: self.batches,
             ws.BATCHED_ITEMS: self.items,
             ws.REAL_TOKENS: self.real_tokens,
@@ -184,6 +212,7 @@ class BucketBatcher(Generic[T]):
         self._cond = threading.Condition()
         self._stopped = False
         self.stats = BatchStats()
+        self._busy_since = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -301,15 +330,22 @@ class BucketBatcher(Generic[T]):
         return max(0.0, min(oldest) + self._max_wait - time.monotonic())
 
     def _loop(self) -> None:
+        last_end = time.monotonic()
         while True:
             with self._cond:
                 batch = self._next_batch()
+                backlog = batch is not None
                 while batch is None:
                     if self._stopped:
                         return
                     self._cond.wait(self._wait_time())
                     batch = self._next_batch()
+            # With a batch ready as the last one ended, the time between the two counts:
+            # under load the replica's rate is what it finishes per second of wall time
+            # (tokenising threads take CPU from the engine), not per second in the engine.
+            self._busy_since = last_end if backlog else time.monotonic()
             self._run(batch)
+            last_end = time.monotonic()
 
     def _run(self, batch: _OpenBatch[T]) -> None:
         now = time.time()
@@ -341,9 +377,18 @@ class BucketBatcher(Generic[T]):
     def _execute(self, items: list[_Item[T]], bucket: Bucket) -> None:
         longest = max(item.length for item in items)
         padded = bucket.max_tokens if self._pad_to_bucket else longest
+        started = min(time.monotonic(), self._busy_since)
         results = self._run_batch([item.payload for item in items], padded)
         if len(results) != len(items):
             raise EngineFailure(f"the engine returned {len(results)} results for {len(items)}")
-        self.stats.record(len(items), sum(item.length for item in items), padded * len(items))
+        ended = time.monotonic()
+        self.stats.record(
+            len(items),
+            sum(item.length for item in items),
+            padded * len(items),
+            ended - started,
+            full=len(items) * 2 >= bucket.batch_size,
+        )
+        self._busy_since = ended
         for item, value in zip(items, results, strict=True):
             item.request.put(item.index, value)

@@ -18,6 +18,11 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
+def guarded(argv: list[str]) -> list[str]:
+    """`argv` run through this guard, so it dies with the calling process."""
+    return [sys.executable, "-m", "app.child_guard", str(os.getpid()), *argv]
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or not argv[0].isdigit():
         print("usage: python -m app.child_guard PARENT_PID PROGRAM [ARGS...]", file=sys.stderr)

@@ -101,6 +101,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def redacted(url: str) -> str:
+    """A Redis URL fit to print: its password masked (kombu's own sanitiser)."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
+
+
 def _address_towards(url: str) -> str:
     """The local address this host uses to reach `url`'s host: how other nodes see it."""
     from urllib.parse import urlparse
@@ -242,12 +249,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     port = args.port or settings.api_port
     try:
         if settings.redis_url:
-            print(f"inferq: using Redis at {settings.redis_url}", flush=True)
+            print(f"inferq: using Redis at {redacted(settings.redis_url)}", flush=True)
         else:
             embedded = EmbeddedRedis(settings.data_dir / "redis")
             embedded.start()
             extra["INFERQ_REDIS_URL"] = embedded.url
-            print(f"inferq: started a private Redis server at {embedded.url}", flush=True)
+            print(
+                f"inferq: started a private Redis server at {redacted(embedded.url)} "
+                f"(password in {embedded.data_dir / 'redis.conf'})",
+                flush=True,
+            )
         from app.jobs.migrate import upgrade
 
         database_url = settings.resolved_database_url()
@@ -413,9 +424,18 @@ def flower_argv(settings: Settings, port: int | None, address: str | None) -> li
         f"--port={port or settings.flower_port}",
         f"--address={address or settings.flower_address}",
     ]
-    if settings.flower_basic_auth:
-        argv.append(f"--basic-auth={settings.flower_basic_auth}")
     return argv
+
+
+def flower_env(settings: Settings) -> dict[str, str]:
+    """Flower reads its options from FLOWER_* variables too: the login goes there, where
+    `ps` does not show it to every user of the machine, not into the command line."""
+    from app.supervisor import child_env
+
+    env = child_env({"FLOWER_BASIC_AUTH": settings.flower_basic_auth or ""})
+    if not settings.flower_basic_auth:
+        del env["FLOWER_BASIC_AUTH"]
+    return env
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
@@ -430,7 +450,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
         )
         return 2
     argv = flower_argv(settings, args.port, address)
-    os.execv(sys.executable, argv)
+    os.execve(sys.executable, argv, flower_env(settings))
     return 0  # not reached
 
 

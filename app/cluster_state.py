@@ -66,7 +66,7 @@ class WorkerProcess:
     uid: str
     devices: list[str]
     pid: int | None
-    state: str  # starting | running | restarting | stopping
+    state: str  # starting | running | restarting | failed (could not start) | stopping
     restarts: int = 0
     last_exit_code: int | None = None
     since: float = field(default_factory=time.time)

@@ -7,6 +7,7 @@ workers reach it with a plain redis:// URL like any other Redis.
 
 from __future__ import annotations
 
+import secrets
 import socket
 import subprocess
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-from app.supervisor import die_with_parent
+from app.child_guard import guarded
 
 
 def free_port() -> int:
@@ -36,20 +37,25 @@ class EmbeddedRedis:
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        # Loopback is not private on a shared machine: every local user could reach it.
+        self.password = secrets.token_urlsafe(24)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "redis.conf"
+        config.touch(mode=0o600)
+        config.chmod(0o600)  # it holds the password
         config.write_text(
             "\n".join(
                 [
                     "bind 127.0.0.1",
                     f"port {self.port}",
+                    f"requirepass {self.password}",
                     f"dir {self.data_dir.resolve()}",
                     "dbfilename dump.rdb",
                     "save 60 1",
@@ -61,10 +67,10 @@ class EmbeddedRedis:
             )
             + "\n"
         )
-        self.process = subprocess.Popen(
-            [redis_server_binary(), str(config)], preexec_fn=die_with_parent
+        self.process = subprocess.Popen(guarded([redis_server_binary(), str(config)]))
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=0.5
         )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:

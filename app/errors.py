@@ -174,3 +174,16 @@ ERROR_KINDS: dict[str, type[InferqError]] = {
         EngineFailure,
     )
 }
+
+
+def backend_reason(exc: BaseException) -> str:
+    """What a client may be told of a Redis or database failure: its kind, never the
+    driver's text (it names hosts, ports, users and statements; that goes to the log)."""
+    name = type(exc).__name__.lower()
+    if "timeout" in name:
+        return "it did not answer in time"
+    if "auth" in name or "permission" in name or "password" in name:
+        return "it refused inferq's credentials"
+    if "connection" in name or "operational" in name or isinstance(exc, OSError):
+        return "the connection failed"
+    return "it failed"

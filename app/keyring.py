@@ -127,7 +127,11 @@ def _read_keys_file(path: Path) -> list[_Entry]:
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read the keys file: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise KeyFileError(f"{path}: not valid YAML: {exc}") from None
+        # PyYAML's message quotes the offending line, which may hold a key: say where only.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "it cannot be parsed"
+        raise KeyFileError(f"{path}: not valid YAML{where}: {problem}") from None
     try:
         parsed = _KeysFile.model_validate(raw)
     except ValidationError as exc:

@@ -40,6 +40,10 @@ class KeySpace:
     def replica_stats(self, replica_id: str) -> str:
         return f"{self.prefix}:replica-stats:{replica_id}"
 
+    def admission_work(self, model: str) -> str:
+        """Hash of API process -> "<unanswered inputs>:<when written>" for one model."""
+        return f"{self.prefix}:admission-work:{model}"
+
     def queue_list(self, queue: str) -> str:
         """The Redis list behind a Celery queue (kombu prepends `global_keyprefix`)."""
         return f"{self.broker_prefix}{queue}"

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from app.child_guard import guarded
 from app.cluster_state import (
     MAX_NODE_EVENTS,
     Assignment,
@@ -34,7 +35,6 @@ from app.cluster_state import (
 from app.keys import KeySpace
 from app.replicas import parse_load_error
 from app.settings import Settings
-from app.supervisor import die_with_parent
 
 log = logging.getLogger("inferq.node")
 
@@ -202,7 +202,9 @@ class NodeAgent:
                 managed = ManagedWorker(assignment)
                 self.workers[assignment_id] = managed
                 self._spawn(managed)
-                self._event(managed, "started", f"devices {','.join(assignment.devices) or '-'}")
+                if managed.process is not None:
+                    devices = ",".join(assignment.devices) or "-"
+                    self._event(managed, "started", f"devices {devices}")
 
     def tend(self) -> None:
         """Notice exits: restart crashed workers after their delay, forget stopped ones."""
@@ -216,11 +218,12 @@ class NodeAgent:
                     log.warning("worker %s did not stop in time; killing it", assignment_id)
                     managed.process.kill()
                 continue
-            if managed.state == "restarting":
+            if managed.state in ("restarting", "failed"):
                 if now >= managed.next_start:
                     managed.restarts += 1
                     self._spawn(managed)
-                    self._event(managed, "restarted", f"restart #{managed.restarts}")
+                    if managed.process is not None:
+                        self._event(managed, "restarted", f"restart #{managed.restarts}")
                 continue
             if managed.alive():
                 if managed.state == "starting" and self._announced(managed):
@@ -243,17 +246,38 @@ class NodeAgent:
         wanted = managed.assignment.assignment_id
         return any(info and json.loads(info).get("assignment") == wanted for info in infos)
 
-    def _crashed(self, managed: ManagedWorker, now: float) -> None:
-        assert managed.process is not None
-        managed.last_exit_code = managed.process.returncode
-        ran = now - managed.started
+    def _backoff(self, managed: ManagedWorker, ran: float) -> float:
         managed.consecutive_failures = (
             1 if ran >= STABLE_RUN_S else managed.consecutive_failures + 1
         )
-        delay = min(
+        return min(
             self.settings.node_restart_max_backoff_s,
             2.0 ** (managed.consecutive_failures - 1),
         )
+
+    def _failed_to_start(self, managed: ManagedWorker, reason: str) -> None:
+        delay = self._backoff(managed, 0.0)
+        managed.state = "failed"
+        managed.last_exit_code = None
+        managed.next_start = time.monotonic() + delay
+        self._event(
+            managed,
+            "failed",
+            f"the worker could not be started: {reason}; trying again in {delay:.0f}s",
+        )
+        log.error(
+            "worker %s for %s could not be started: %s",
+            managed.assignment.assignment_id,
+            managed.assignment.uid,
+            reason,
+        )
+
+    def _crashed(self, managed: ManagedWorker, now: float) -> None:
+        if managed.process is None:
+            return  # never started: _failed_to_start has said so
+        managed.last_exit_code = managed.process.returncode
+        ran = now - managed.started
+        delay = self._backoff(managed, ran)
         managed.state = "restarting"
         managed.next_start = now + delay
         managed.since = time.time()
@@ -296,13 +320,22 @@ class NodeAgent:
 
     # -- processes --------------------------------------------------------------------
     def _spawn(self, managed: ManagedWorker) -> None:
-        argv, extra = self._command(managed.assignment)
-        env = dict(self._env)
-        env.update(extra)
-        managed.process = subprocess.Popen(argv, env=env, preexec_fn=die_with_parent)
+        """Start the worker; one that cannot even start (an argument list the kernel
+        refuses, a missing interpreter) is a failed replica with an event, retried
+        after a delay like a crash, never an exception that stops the node's loop."""
         managed.started = time.monotonic()
-        managed.state = "starting"
         managed.since = time.time()
+        try:
+            argv, extra = self._command(managed.assignment)
+            env = dict(self._env)
+            env.update(extra)
+            managed.process = subprocess.Popen(guarded(argv), env=env)
+        except (OSError, ValueError) as exc:
+            managed.process = None
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            self._failed_to_start(managed, reason[:500])
+            return
+        managed.state = "starting"
         log.info(
             "started worker %s for %s on devices %s (pid %d)",
             managed.assignment.assignment_id,

@@ -8,7 +8,9 @@ worker checks instead.
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from typing import Any
 
 from app.errors import InvalidRequest
@@ -60,6 +62,37 @@ class PromptSizer:
 
 
 def sizer_for(spec: ModelSpec) -> PromptSizer | None:
-    if spec.engine == "llama_cpp":
-        return PromptSizer(spec)
-    return None
+    """None where this host cannot count: the engine has no local tokenizer, or the GGUF
+    file lives only on the worker's host (docker/README.md's multi-host layout). The
+    worker then counts, and refuses a prompt its context cannot hold as a 400."""
+    if spec.engine != "llama_cpp":
+        return None
+    try:
+        if not spec.resolved_path().is_file():
+            return None
+    except (OSError, ImportError, ValueError):  # a package: path whose package is absent
+        return None
+    return PromptSizer(spec)
+
+
+#: How long "no GGUF file here" is believed before the path is looked at again.
+ABSENT_RECHECK_S = 30.0
+
+
+class PromptSizers:
+    """One sizer per model as it is configured now: a model launched again under the
+    same name with another file or context gets a new sizer, not the old one."""
+
+    def __init__(self) -> None:
+        self._sizers: dict[str, tuple[str, float, PromptSizer | None]] = {}
+
+    def get(self, spec: ModelSpec) -> PromptSizer | None:
+        identity = json.dumps([spec.engine, spec.path, spec.options], sort_keys=True, default=str)
+        known = self._sizers.get(spec.name)
+        now = time.monotonic()
+        fresh = known is not None and (known[2] is not None or now - known[1] < ABSENT_RECHECK_S)
+        if known is not None and known[0] == identity and fresh:
+            return known[2]
+        sizer = sizer_for(spec)
+        self._sizers[spec.name] = (identity, now, sizer)
+        return sizer

@@ -6,6 +6,7 @@ so a worker on another host only needs the same few variables as the API.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +27,18 @@ class Settings(BaseSettings):
         default="inferq",
         description="Prefix of every Redis key and channel inferq (and its Celery broker) uses, "
         "so several deployments or test runs can share one Redis server.",
+    )
+
+    redis_max_connections: int = Field(
+        default=100,
+        gt=0,
+        description="Redis connections one API process opens at most (fewer if the server's "
+        "maxclients is small); a request that finds them all busy waits for one.",
+    )
+    redis_pool_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait for a free Redis connection before the request is a 503.",
     )
 
     data_dir: Path = Path(".inferq")
@@ -59,6 +72,14 @@ class Settings(BaseSettings):
         default=200_000, gt=0, description="Async jobs waiting in one model's bulk queue."
     )
     overload_retry_after_s: float = Field(default=2.0, gt=0)
+    admit_deadline_fraction: float = Field(
+        default=0.75,
+        gt=0,
+        le=1,
+        description="An embedding or rerank request is refused (429) at once when the work "
+        "queued for its model, at its replicas' measured rate, would not finish within this "
+        "fraction of its deadline.",
+    )
 
     # Request limits, refused before anything is queued.
     max_inputs_per_request: int = Field(default=2048, gt=0)
@@ -110,6 +131,19 @@ class Settings(BaseSettings):
         ge=1,
         description="Deliveries of a job before it fails (a worker died each time).",
     )
+    job_lease_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A running job's lease: its worker renews it while the job runs; a job "
+        "whose lease ran out (its outcome could not be recorded, its worker hangs) is taken "
+        "over by the next delivery, which the sweeper sends.",
+    )
+    job_run_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Longest one attempt at a job may run: its lease is no longer renewed "
+        "after this, so a batch or corpus job never waits for ever on one child.",
+    )
     job_retention_s: float = Field(
         default=7 * 24 * 3600.0, gt=0, description="How long finished jobs keep their results."
     )
@@ -145,7 +179,26 @@ class Settings(BaseSettings):
     # Files, batches and corpus jobs. Workers read inputs and write shards here too, so
     # on several hosts it is a shared mount (NFS or similar) at the same path.
     files_dir: Path | None = Field(default=None, description="Default: <data_dir>/files.")
-    max_upload_bytes: int = Field(default=8 * 1024**3, gt=0)
+    max_upload_bytes: int = Field(
+        default=8 * 1024**3,
+        gt=0,
+        description="Largest upload; counted as its bytes arrive, chunked uploads included.",
+    )
+    files_max_bytes_per_owner: int = Field(
+        default=100 * 1024**3,
+        gt=0,
+        description="Bytes of files (uploaded and produced) one key may keep; an upload "
+        "past it is refused (413).",
+    )
+    files_max_per_owner: int = Field(
+        default=10_000, gt=0, description="Files one key may keep; an upload past it is a 413."
+    )
+    file_default_ttl_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Uploads without `expires_after` are deleted this long after upload; "
+        "None keeps them until deleted.",
+    )
     batch_max_lines: int = Field(default=50_000, gt=0)
     bulk_max_line_bytes: int = Field(
         default=16 * 1024**2,
@@ -202,6 +255,17 @@ class Settings(BaseSettings):
         "to run, besides whenever a control message wakes it.",
     )
     node_restart_max_backoff_s: float = Field(default=30.0, gt=0)
+    # The launch API (admin): what a launch request may ask nodes to run.
+    model_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Directories (':'-separated) a launch request's model_path must lie "
+        "under; none: launches may use registry models and installed packages only.",
+    )
+    launch_allow_trust_remote_code: bool = Field(
+        default=False,
+        description="Let launch requests set trust_remote_code (the model's own Python runs "
+        "on the node); registry entries may always.",
+    )
     node_stop_grace_s: float = Field(
         default=30.0, gt=0, description="A stopping worker finishes in-flight work this long."
     )
@@ -222,6 +286,13 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [r.strip() for r in value.split(os.pathsep) if r.strip()]
         return value
 
     @field_validator("worker_devices", "node_devices", mode="before")

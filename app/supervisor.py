@@ -7,29 +7,17 @@ stopped, gracefully first.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from app.child_guard import guarded
+
 log = logging.getLogger("inferq.up")
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when the process that started it dies."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:
-            pass
 
 
 @dataclass
@@ -44,7 +32,7 @@ class Child:
     history: list[float] = field(default_factory=list)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent)
+        self.process = subprocess.Popen(guarded(self.argv), env=self.env)
         self.history.append(time.monotonic())
         log.info("started %s (pid %d)", self.name, self.process.pid)
 

@@ -18,6 +18,9 @@ Fields, all totals since the worker process started unless said otherwise:
 - `in_flight`: requests and jobs in the engine at the beat (a gauge).
 - batching (embedding and rerank workers, app/batcher.py `BatchStats`):
   `batches`, `batched_items`, `real_tokens`, `computed_tokens`, `batch_failures`,
+  `engine_seconds` (busy wall time: batches and the gaps between ready ones),
+  `items_per_second` (a gauge: inputs per busy second over the latest batches,
+  what admission plans with),
   and two histograms, `batch_size` and `padding_efficiency`, each written as
   `<name>_le:<bound>` cumulative bucket counts (`+Inf` last) with `<name>_sum`
   and `<name>_count`, the layout of a Prometheus histogram.
@@ -46,6 +49,8 @@ GENERATED_TOKENS = "generated_tokens"
 TOKENS_PER_SECOND = "tokens_per_second"
 IN_FLIGHT = "in_flight"
 
+ITEMS_PER_SECOND = "items_per_second"
+ENGINE_SECONDS = "engine_seconds"
 BATCHES = "batches"
 BATCHED_ITEMS = "batched_items"
 REAL_TOKENS = "real_tokens"

@@ -74,6 +74,7 @@ def running_cluster(
         "INFERQ_NODE_HEARTBEAT_S": "0.5",
         "INFERQ_NODE_HEARTBEAT_TTL_S": "3",
         "INFERQ_NODE_STOP_GRACE_S": "10",
+        "INFERQ_MODEL_ROOTS": "/models",
     }
     db_upgrade(env)
     api, base = start_api(env, log_dir)

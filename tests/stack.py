@@ -47,6 +47,20 @@ class Stack:
                 return {k.decode(): float(v) for k, v in raw.items()}
         return {}
 
+    def settled_stats(self, proc: Proc, model: str, quiet_s: float = 2.0) -> dict[str, float]:
+        """A worker's counters once they stood still for several heartbeats: work of an
+        earlier test that is still finishing (or not yet reported) must not count."""
+        deadline = time.monotonic() + 60
+        last, since = self.worker_stats(proc, model), time.monotonic()
+        while time.monotonic() - since < quiet_s:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{model}'s counters did not settle: {last}")
+            time.sleep(0.25)
+            now = self.worker_stats(proc, model)
+            if now != last:
+                last, since = now, time.monotonic()
+        return last
+
 
 def wait_job(
     stack: Stack, job_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 90
@@ -87,6 +101,7 @@ def running_stack(
         "INFERQ_WEBHOOK_MAX_ATTEMPTS": "3",
         "INFERQ_JOB_SWEEP_INTERVAL_S": "0.5",
         "INFERQ_JOB_RESEND_AFTER_S": "5",
+        "INFERQ_JOB_LEASE_S": "3",
         "INFERQ_BULK_POLL_INTERVAL_S": "0.3",
         **(extra or {}),
     }

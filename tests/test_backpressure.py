@@ -3,11 +3,15 @@ never a hang, and the work that was admitted is answered."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -132,3 +136,79 @@ def test_clients_without_a_key_never_take_the_in_flight_slots(
         for sock in sockets:
             sock.close()
         api.stop()
+
+
+@contextmanager
+def _defaults(inferq_env: dict[str, str], log_dir: Path, name: str) -> Iterator[str]:
+    """An API on its defaults (the suite's timeout aside) and one minilm replica of its own."""
+    env = {**inferq_env, "INFERQ_KEY_PREFIX": f"{inferq_env['INFERQ_KEY_PREFIX']}-{name}"}
+    worker = start_worker(env, log_dir, "minilm")
+    api, base = start_api(env, log_dir)
+    try:
+        yield base
+    finally:
+        api.stop()
+        worker.stop()
+
+
+async def _post_all(
+    base: str, bodies: list[dict[str, Any]], headers: dict[str, str] | None = None
+) -> list[tuple[int, dict[str, str], dict[str, Any], float]]:
+    """Every body POSTed to /v1/embeddings at once, each on a connection of its own."""
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as http:
+
+        async def one(body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any], float]:
+            started = time.monotonic()
+            reply = await http.post("/v1/embeddings", json=body, headers=headers)
+            return reply.status_code, dict(reply.headers), reply.json(), time.monotonic() - started
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_a_burst_far_inside_the_bounds_is_served_not_refused(
+    inferq_env: dict[str, str], log_dir: Path
+) -> None:
+    """300 requests at once, well under the 1,024 in flight: each waits for a Redis
+    connection if all are busy, none is a 503 'Too many connections'."""
+    bodies = [{"model": "minilm", "input": [f"burst text {i}"]} for i in range(300)]
+    with _defaults(inferq_env, log_dir, "burst") as base:
+        results = asyncio.run(_post_all(base, bodies))
+    statuses = Counter(status for status, *_ in results)
+    errors = {body["error"]["message"] for status, _, body, _ in results if status != 200}
+    assert statuses == {200: 300}, (statuses, errors)
+
+
+def test_work_that_cannot_finish_before_its_deadline_is_refused_at_once(
+    inferq_env: dict[str, str], log_dir: Path
+) -> None:
+    """Far past capacity, admission knows the inputs queued and the replica's measured
+    rate: what would end in a 504 is a 429 with Retry-After at once, and every request
+    it admits is answered within its deadline. (A replica of its own: its rate is that
+    of these texts, not of another test's.)"""
+    with _defaults(inferq_env, log_dir, "deadline") as base:
+        _burst_past_capacity(base)
+
+
+def _burst_past_capacity(base: str) -> None:
+    words = " ".join(f"word{i}" for i in range(50))
+    deadline_s = 8.0
+    headers = {"X-Inferq-Timeout": str(deadline_s)}
+    warm = [{"model": "minilm", "input": [f"{i} {words}" for i in range(16)]}] * 4
+    assert {s for s, *_ in asyncio.run(_post_all(base, warm, headers))} == {200}
+    time.sleep(2)  # the replica's rate reaches its heartbeat
+    bodies = [
+        {"model": "minilm", "input": [f"{i}.{j} {words}" for j in range(16)]} for i in range(80)
+    ]
+    results = asyncio.run(_post_all(base, bodies, headers))
+    statuses = Counter(status for status, *_ in results)
+    assert set(statuses) <= {200, 429}, statuses
+    refusals = [b["error"]["message"] for s, _, b, _ in results if s == 429]
+    assert statuses[200] >= 4 and statuses[429] >= 20, (statuses, refusals[:1])
+    for status, reply_headers, body, took in results:
+        if status == 200:
+            assert took < deadline_s, f"an admitted request took {took:.1f}s"
+        else:
+            assert body["error"]["code"] == "backlog_exceeds_deadline", body
+            assert int(reply_headers["retry-after"]) >= 1
+            assert took < 2.0, f"a refusal took {took:.1f}s"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import select
+import socket
 import subprocess
 import sys
 import time
@@ -500,7 +503,7 @@ def test_shards_of_a_corpus_that_fails_part_way_never_run(stack: Stack) -> None:
     """Shards are written in pages while the file is read; none may be sent before the
     whole file was read. A record near the end without text fails the job after more
     than 500 shards were written: not one of them runs."""
-    before = stack.worker_stats(stack.workers["minilm"], "minilm")
+    before = stack.settled_stats(stack.workers["minilm"], "minilm")
     records = [json.dumps({"text": f"t{i}"}) for i in range(1300)] + ['{"other": 1}']
     with stack.http() as http:
         job = http.post(
@@ -514,7 +517,7 @@ def test_shards_of_a_corpus_that_fails_part_way_never_run(stack: Stack) -> None:
         state = _wait_corpus(http, job["id"])
         assert state["status"] == "failed", state
         time.sleep(3)  # several sweeps: a sendable shard would be sent by now
-    after = stack.worker_stats(stack.workers["minilm"], "minilm")
+    after = stack.settled_stats(stack.workers["minilm"], "minilm")
     ran = {k: after.get(k, 0) - before.get(k, 0) for k in after if k.startswith("jobs_")}
     assert not any(ran.values()), ran
 
@@ -536,3 +539,140 @@ def test_a_corpus_of_600_shards_completes(stack: Stack) -> None:
         assert state["progress"]["shards_total"] == 600
         content = http.get(f"/v1/files/{state['output_file_id']}/content").text
     assert len(content.splitlines()) == len(texts)
+
+
+def test_a_chunked_upload_is_cut_off_as_it_passes_the_limit(stack: Stack) -> None:
+    """No Content-Length: the API must count the bytes as they come and answer 413 once
+    they pass INFERQ_MAX_UPLOAD_BYTES, not spool the whole stream to disk first."""
+    host, port = stack.base.removeprefix("http://").split(":")
+    boundary = "inferqboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"'
+        "\r\nContent-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    piece = b"x" * (256 * 1024)
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    endless = 64 * UPLOAD_LIMIT
+    sent, answer, reset = 0, b"", False
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            f"POST /v1/files HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY_A}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        pending = b"%x\r\n%s\r\n" % (len(head), head)
+        stalled = time.monotonic() + 10
+        try:
+            while sent < endless and time.monotonic() < stalled:
+                readable, writable, _ = select.select([sock], [sock], [], 1)
+                if readable:
+                    break
+                if writable:
+                    done = sock.send(pending or chunk)
+                    pending = (pending or chunk)[done:]
+                    sent += done
+                    stalled = time.monotonic() + 10
+            while b"\r\n\r\n" not in answer and (more := sock.recv(65536)):
+                answer += more
+        except (BrokenPipeError, ConnectionResetError):
+            reset = True  # the server closed with the rest unread: a reset may beat its 413
+    assert answer.startswith(b"HTTP/1.1 413") or (reset and not answer), answer[:200]
+    assert not answer or b"INFERQ_MAX_UPLOAD_BYTES" in answer
+    # The server stopped reading near the limit (kernel buffers hold a few MB more).
+    assert sent < UPLOAD_LIMIT + 16 * 1024 * 1024, f"{sent} bytes went in before the 413"
+
+
+@contextlib.contextmanager
+def _api(stack: Stack, **settings: str) -> Iterator[httpx.Client]:
+    """Another API process on the stack's database and files, with other settings, and a
+    key of its own (so its owner starts with no files)."""
+    env = {**stack.env, "INFERQ_API_KEYS": "quota-key", **settings}
+    proc, base = start_api(env, stack.log_dir)
+    try:
+        with httpx.Client(
+            base_url=base, headers={"Authorization": "Bearer quota-key"}, timeout=60
+        ) as http:
+            yield http
+    finally:
+        proc.stop()
+
+
+def test_uploads_stay_within_the_owners_quota(stack: Stack) -> None:
+    with _api(
+        stack, INFERQ_FILES_MAX_PER_OWNER="2", INFERQ_FILES_MAX_BYTES_PER_OWNER="1000"
+    ) as http:
+        first = _upload(http, "a.txt", b"a" * 600, "corpus")
+        over = http.post(
+            "/v1/files", data={"purpose": "corpus"}, files={"file": ("b.txt", b"b" * 600)}
+        )
+        assert over.status_code == 413, over.text
+        assert over.json()["error"]["code"] == "storage_quota_exceeded"
+        assert "INFERQ_FILES_MAX_BYTES_PER_OWNER" in over.json()["error"]["message"]
+        _upload(http, "c.txt", b"c" * 300, "corpus")
+        third = http.post("/v1/files", data={"purpose": "corpus"}, files={"file": ("d", b"d")})
+        assert third.status_code == 413 and "2 files" in third.json()["error"]["message"]
+        listed = http.get("/v1/files").json()["data"]
+        assert sorted(f["bytes"] for f in listed) == [300, 600]  # the refused left nothing
+        assert http.delete(f"/v1/files/{first}").status_code == 200
+        _upload(http, "e.txt", b"e" * 600, "corpus")
+
+
+def test_files_expire_after_the_time_their_upload_asked_for(stack: Stack) -> None:
+    import sqlalchemy as sa
+
+    with stack.http() as http:
+        response = http.post(
+            "/v1/files",
+            data={
+                "purpose": "batch",
+                "expires_after[anchor]": "created_at",
+                "expires_after[seconds]": "3600",
+            },
+            files={"file": ("soon.jsonl", b"{}\n")},
+        )
+        assert response.status_code == 200, response.text
+        record = response.json()
+        assert record["expires_at"] == record["created_at"] + 3600
+        for seconds in ("60", "x", "99999999"):
+            bad = http.post(
+                "/v1/files",
+                data={"purpose": "batch", "expires_after[anchor]": "created_at",
+                      "expires_after[seconds]": seconds},
+                files={"file": ("bad.jsonl", b"{}\n")},
+            )  # fmt: skip
+            assert bad.status_code == 400 and "expires_after" in bad.json()["error"]["param"]
+        path = next(Path(stack.env["INFERQ_FILES_DIR"]).rglob(record["id"]))
+        engine = sa.create_engine(stack.env["INFERQ_DATABASE_URL"])
+        with engine.begin() as conn:  # an hour later
+            conn.execute(
+                sa.text("UPDATE files SET expires_at = '2000-01-01 00:00:00' WHERE id = :id"),
+                {"id": record["id"]},
+            )
+        engine.dispose()
+        deadline = time.monotonic() + 30
+        while http.get(f"/v1/files/{record['id']}").status_code != 404:
+            assert time.monotonic() < deadline, "the expired file was not deleted"
+            time.sleep(0.5)
+    assert not path.exists()
+
+
+def test_an_ended_corpus_jobs_working_files_are_deleted(stack: Stack) -> None:
+    work = Path(stack.env["INFERQ_FILES_DIR"]) / "corpus"
+    with stack.http() as http:
+        done = http.post(
+            "/v1/corpus-jobs",
+            json={"file_id": _upload(http, "w.txt", b"one\ntwo\n", "corpus"), "model": "minilm"},
+        ).json()
+        failed = http.post(
+            "/v1/corpus-jobs",
+            json={"file_id": _upload(http, "w.jsonl", b'{"no": 1}\n', "corpus"), "model": "minilm"},
+        ).json()
+        assert _wait_corpus(http, done["id"])["status"] == "completed"
+        assert _wait_corpus(http, failed["id"])["status"] == "failed"
+        deadline = time.monotonic() + 30
+        while (work / done["id"]).exists() or (work / failed["id"]).exists():
+            assert time.monotonic() < deadline, sorted(p.name for p in work.iterdir())
+            time.sleep(0.5)
+        output = http.get(f"/v1/corpus-jobs/{done['id']}").json()["output_file_id"]
+        assert http.get(f"/v1/files/{output}/content").status_code == 200

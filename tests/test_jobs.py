@@ -13,13 +13,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
+from app.db import create_db_engine
 from tests.procs import Proc, alive_replica_count, start_api, start_worker
 from tests.stack import KEY_A, KEY_B, Stack, finished, running_stack, wait_job
 
@@ -310,6 +313,56 @@ def test_a_job_survives_sigkill_of_its_worker(stack: Stack, reference_model: Any
         first.kill()
         if second:
             second.stop()
+
+
+@contextmanager
+def _outcomes_refused(database_url: str, backend: str) -> Iterator[None]:
+    """A database that refuses to record a succeeded job, as a blip would, until the
+    block ends: a trigger, so the worker meets a real error from its real database."""
+    engine = create_db_engine(database_url)
+    if backend == "postgresql":
+        install = [
+            "CREATE FUNCTION refuse_outcome() RETURNS trigger AS "
+            "$$ BEGIN RAISE EXCEPTION 'the database is away'; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_outcome BEFORE UPDATE ON jobs FOR EACH ROW "
+            "WHEN (NEW.status = 'succeeded') EXECUTE FUNCTION refuse_outcome()",
+        ]
+        remove = ["DROP TRIGGER refuse_outcome ON jobs", "DROP FUNCTION refuse_outcome()"]
+    else:
+        install = [
+            "CREATE TRIGGER refuse_outcome BEFORE UPDATE ON jobs FOR EACH ROW "
+            "WHEN NEW.status = 'succeeded' BEGIN SELECT RAISE(ABORT, 'the database is away'); END"
+        ]
+        remove = ["DROP TRIGGER refuse_outcome"]
+    try:
+        with engine.begin() as conn:
+            for statement in install:
+                conn.execute(sa.text(statement))
+        yield
+    finally:
+        with engine.begin() as conn:
+            for statement in remove:
+                conn.execute(sa.text(statement))
+        engine.dispose()
+
+
+def test_a_job_whose_outcome_could_not_be_recorded_is_taken_over(stack: Stack) -> None:
+    """The worker ran the job and lives on, but the database failed as it recorded the
+    outcome: the job must not stay `running` while that replica lives. Its lease runs
+    out, the sweeper sends it again and the next delivery runs it to the end."""
+    worker = stack.workers["minilm"]
+    unrecorded = stack.settled_stats(worker, "minilm").get("jobs_unrecorded", 0)
+    with _outcomes_refused(stack.env["INFERQ_DATABASE_URL"], stack.backend):
+        job = submit(stack, "/v1/embeddings", {"model": "minilm", "input": "a blip"})
+        deadline = time.monotonic() + 30
+        while stack.worker_stats(worker, "minilm").get("jobs_unrecorded", 0) <= unrecorded:
+            assert time.monotonic() < deadline, "the outcome was never refused"
+            time.sleep(0.2)
+        with stack.http() as http:
+            assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+    done = wait_job(stack, job["id"], finished, timeout=60)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2 and len(done["result"]["data"]) == 1
 
 
 def test_the_job_outlives_an_api_restart(stack: Stack) -> None:

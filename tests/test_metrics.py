@@ -216,3 +216,23 @@ def test_middleware_counts_failures_and_streams_in_process() -> None:
     assert sample("inferq_requests_total", **streamed, status="200") == 1
     took = sample("inferq_request_duration_seconds_sum", **streamed)
     assert took is not None and took >= 0.15
+
+
+def test_scrapes_in_a_loop_read_redis_once_a_second(api: str, redis_client: Any) -> None:
+    """/metrics needs no key: a client scraping it in a tight loop must not turn each
+    scrape into a cluster read (a key scan and two pipelines)."""
+
+    def scans() -> int:
+        return int(redis_client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+    time.sleep(1.2)
+    before = scans()
+    scrape(api)
+    per_read = scans() - before
+    assert per_read >= 1
+    started, before = time.monotonic(), scans()
+    for _ in range(40):
+        scrape(api)
+    took = time.monotonic() - started
+    reads = (scans() - before) / per_read
+    assert reads <= took + 2, f"{reads:.0f} cluster reads for 40 scrapes in {took:.1f}s"

@@ -93,6 +93,11 @@ def test_keys_need_their_scope(secured: tuple[str, Proc]) -> None:
             call(base, "POST", "/v1/models", key, json=LAUNCH).status_code,
         )
         assert got == statuses, key[:8]
+    # A model's paths, options and hosts are for admins; an inference key sees its card.
+    card = call(base, "GET", "/v1/models/minilm", INFERENCE_KEY).json()
+    assert card["id"] == "minilm" and "registry_entry" not in card and "replicas" not in card
+    full = call(base, "GET", "/v1/models/minilm", ADMIN_KEY).json()
+    assert "path" in full["registry_entry"] and "replicas" in full
     denied = call(base, "DELETE", "/v1/models/minilm", INFERENCE_KEY).json()["error"]
     assert denied["type"] == "permission_error" and denied["code"] == "insufficient_scope"
     assert "'search-app'" in denied["message"] and "'admin'" in denied["message"]
@@ -140,6 +145,11 @@ def test_an_open_api_on_a_network_address_is_refused(
     bad.write_text(f"keys:\n  - name: x\n    key: {secret}\n    scopes: [everything]\n")
     done = run_cli({**env, "INFERQ_API_KEYS_FILE": str(bad)}, "api", "--host", "127.0.0.1")
     assert done.returncode == 2 and "keys.0.scopes.0" in done.stderr
+    assert secret not in done.stderr
+    # Not YAML at all, on the key's own line: PyYAML would quote that line.
+    bad.write_text(f"keys:\n  - name: x\n    key: {secret}: [\n")
+    done = run_cli({**env, "INFERQ_API_KEYS_FILE": str(bad)}, "api", "--host", "127.0.0.1")
+    assert done.returncode == 2 and "not valid YAML at line 3" in done.stderr, done.stderr
     assert secret not in done.stderr
 
 

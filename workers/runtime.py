@@ -36,6 +36,7 @@ from app.replicas import (
 from app.rerank import RerankRunner, build_rerank_runner
 from app.settings import Settings
 from app.worker_stats import TokenRate
+from workers.job_leases import JobLeases
 from workers.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class WorkerRuntime:
     token_rate: TokenRate = field(default_factory=TokenRate)
     in_flight: int = 0
     _jobs: JobStore | None = None
+    _job_leases: JobLeases | None = None
 
     def job_store(self) -> JobStore:
         """Opened on the first job: workers that only serve sync calls need no database."""
@@ -72,6 +74,17 @@ class WorkerRuntime:
             if self._jobs is None:
                 self._jobs = JobStore(engine_for(self.settings))
             return self._jobs
+
+    def job_leases(self) -> JobLeases:
+        with self.counter_lock:
+            if self._job_leases is None:
+                self._job_leases = JobLeases(
+                    self.job_store,
+                    self.info.replica_id,
+                    self.settings.job_lease_s,
+                    self.settings.job_run_timeout_s,
+                )
+            return self._job_leases
 
     def replica_alive(self, replica_id: str) -> bool:
         return bool(self.client.exists(self.keys.replica_info(replica_id)))

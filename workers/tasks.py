@@ -13,11 +13,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from app.batcher import BULK, INTERACTIVE
 from app.celery_app import CORPUS_SHARD, EMBEDDINGS_TASK, GENERATE_TASK, JOB_TASK, RERANK_TASK
 from app.errors import EngineFailure, InferqError, InvalidRequest
 from app.generation import StreamCoalescer
 from app.jobs.corpus import read_shard, write_shard
+from app.jobs.store import JobStore
 from app.protocol.chat import GenerationTask, RelayTask
 from app.protocol.embeddings import EmbeddingResult, EmbeddingTask
 from app.protocol.rerank import RerankResult, RerankTask
@@ -28,9 +31,6 @@ from workers.runtime import WorkerRuntime, get_runtime
 log = logging.getLogger("inferq.worker")
 
 Work = Callable[[WorkerRuntime], dict[str, Any]]
-
-# A job has no caller waiting on a clock; its expiry is enforced by the job store.
-JOB_DEADLINE_S = 24 * 3600.0
 
 
 def embeddings_work(payload: dict[str, Any], deadline: float, lane: int) -> Work:
@@ -205,8 +205,7 @@ def corpus_shard_work(payload: dict[str, Any], deadline: float) -> Work:
     return work
 
 
-def job_work(job_id: str, task: str, payload: dict[str, Any]) -> Work:
-    deadline = time.time() + JOB_DEADLINE_S
+def job_work(job_id: str, task: str, payload: dict[str, Any], deadline: float) -> Work:
     if task == EMBEDDINGS_TASK:
         return embeddings_work(payload, deadline, BULK)
     if task == RERANK_TASK:
@@ -228,39 +227,59 @@ def job(job_id: str, model: str, task: str, payload: dict[str, Any]) -> None:
     duplicates, cancelled jobs and jobs held by a live replica are dropped here,
     before the engine sees them. A redelivery after a worker died takes the
     job over. Only if the store cannot be reached does the task raise; the
-    message is then acknowledged and the API's sweeper sends the job again.
+    message is then acknowledged and the API's sweeper sends the job again. While
+    it runs its lease in the store is renewed; an attempt whose outcome could not
+    be recorded, or that runs past the run timeout, loses it and is taken over.
     """
     rt = get_runtime()
     rt.hold_if_server_down()
     store = rt.job_store()
-    claim = store.claim(job_id, rt.info.replica_id, rt.replica_alive, rt.settings.job_max_attempts)
+    settings = rt.settings
+    claim = store.claim(
+        job_id,
+        rt.info.replica_id,
+        rt.replica_alive,
+        settings.job_max_attempts,
+        settings.job_lease_s,
+    )
     if claim.job is None:
         rt.count("jobs_skipped")
         log.info("job %s not run: %s", job_id, claim.reason)
         return
     rt.count("jobs_started")
-    try:
-        work = job_work(job_id, task, payload)
-    except InferqError as exc:
-        outcome: dict[str, Any] = {"ok": False, "error": exc.to_wire()}
-    else:
-        outcome = run_guarded(rt, model, work, f"job {job_id}")
-    if outcome["ok"]:
-        recorded = store.finish(job_id, rt.info.replica_id, result=outcome["result"])
-    else:
-        error = InferqError.from_wire(outcome["error"])
-        recorded = store.finish(
-            job_id,
-            rt.info.replica_id,
-            error={
-                "type": error.type,
-                "code": error.code,
-                "message": error.message,
-                "param": error.param,
-                "status": error.status,
-            },
-        )
+    with rt.job_leases().holding(job_id):
+        try:
+            work = job_work(job_id, task, payload, time.time() + settings.job_run_timeout_s)
+        except InferqError as exc:
+            outcome: dict[str, Any] = {"ok": False, "error": exc.to_wire()}
+        else:
+            outcome = run_guarded(rt, model, work, f"job {job_id}")
+        try:
+            recorded = record_outcome(store, job_id, rt.info.replica_id, outcome)
+        except SQLAlchemyError as exc:
+            # The lease is no longer renewed: once it runs out the sweeper sends the
+            # job again and the next delivery takes it over.
+            log.error("job %s ran but its outcome could not be recorded: %s", job_id, exc)
+            rt.count("jobs_unrecorded")
+            return
     if recorded:
         rt.count("jobs_succeeded" if outcome["ok"] else "jobs_failed")
     else:
         rt.count("jobs_discarded")  # cancelled while it ran, or taken over elsewhere
+
+
+def record_outcome(store: JobStore, job_id: str, replica_id: str, outcome: dict[str, Any]) -> bool:
+    if outcome["ok"]:
+        return store.finish(job_id, replica_id, result=outcome["result"])
+    error = InferqError.from_wire(outcome["error"])
+    return store.finish(
+        job_id,
+        replica_id,
+        error={
+            "type": error.type,
+            "code": error.code,
+            "message": error.message,
+            "param": error.param,
+            "status": error.status,
+        },
+    )

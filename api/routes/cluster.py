@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -12,7 +13,9 @@ from redis.exceptions import RedisError
 from api.cluster_reads import queue_depths, read_cluster
 from api.cluster_view import cluster_view
 from api.services import Services, get_services
-from app.errors import BackendUnavailable
+from app.errors import BackendUnavailable, backend_reason
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -32,7 +35,10 @@ async def cluster(services: Annotated[Services, Depends(get_services)]) -> dict[
             raw = await services.redis.lrange(services.keys.node_events(name), 0, EVENTS_SHOWN - 1)
             events[name] = [json.loads(e) for e in raw]
     except (RedisError, OSError) as exc:
-        raise BackendUnavailable(f"the cluster state is unreachable: {exc}") from None
+        log.warning("the cluster state is unreachable: %s", exc)
+        raise BackendUnavailable(
+            f"the cluster state is unreachable: {backend_reason(exc)}"
+        ) from None
     jobs: dict[str, int] | None = None
     problem = services.jobs_problem
     if services.jobs is not None:
@@ -41,7 +47,8 @@ async def cluster(services: Annotated[Services, Depends(get_services)]) -> dict[
             statuses = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
             jobs = {status: counts.get(status, 0) for status in statuses}
         except Exception as exc:  # the database is away: the rest of the view still stands
-            problem = f"the job store is unreachable: {exc}"
+            log.warning("the job store is unreachable: %s", exc)
+            problem = f"the job store is unreachable: {backend_reason(exc)}"
     models = [
         (services.model(n), "registry" if services.registry.get(n) else "launched") for n in names
     ]

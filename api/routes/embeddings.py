@@ -15,7 +15,10 @@ async def create_embeddings(
     body: EmbeddingRequest, services: ServicesDep, timeout: TimeoutDep
 ) -> JSONResponse:
     call = await prepare_embeddings(body, services)
-    await services.admit(call.spec)
-    outcome = await services.dispatcher.call(call.spec, call.task, call.payload, timeout)
+    admitted = await services.admit(call.spec, call.work, timeout)
+    try:
+        outcome = await services.dispatcher.call(call.spec, call.task, call.payload, timeout)
+    finally:
+        admitted.release()
     payload = render_embeddings(body, call.spec.name, outcome.result, outcome.request_id, now_s())
     return JSONResponse(payload, headers={REPLICA_HEADER: payload["inferq"]["replica"]})

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -7,7 +8,10 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from api.services import Services, get_services
+from app.errors import backend_reason
 from app.replicas import count_alive
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -31,7 +35,8 @@ async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONRes
         for spec in services.registry.models:
             body["models"][spec.name] = await count_alive(services.redis, services.keys, spec.name)
     except (RedisError, OSError) as exc:
-        body["detail"] = str(exc)
+        log.warning("readiness: Redis did not answer: %s", exc)
+        body["detail"] = f"Redis is unreachable: {backend_reason(exc)}"
     ok = body["redis"] and body["results"] and all(n > 0 for n in body["models"].values())
     body["status"] = "ready" if ok else "not ready"
     return JSONResponse(body, status_code=200 if ok else 503)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from redis.exceptions import RedisError
 
-from api.auth import require
+from api.auth import CallerInfo, require
 from api.cluster_reads import ClusterState, read_cluster
 from api.cluster_view import model_entry
 from api.launcher import ModelLauncher
 from api.services import Services, get_services
-from app.errors import BackendUnavailable, ModelNotFound
-from app.keyring import Scope
+from app.errors import BackendUnavailable, ModelNotFound, backend_reason
+from app.keyring import Caller, Scope
 from app.protocol.launch import LaunchRequest
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -26,7 +29,10 @@ async def _state(services: Services) -> ClusterState:
         await services.refresh_launched()
         return await read_cluster(services.redis, services.keys, services.model_names())
     except (RedisError, OSError) as exc:
-        raise BackendUnavailable(f"the cluster state is unreachable: {exc}") from None
+        log.warning("the cluster state is unreachable: %s", exc)
+        raise BackendUnavailable(
+            f"the cluster state is unreachable: {backend_reason(exc)}"
+        ) from None
 
 
 def _launcher(services: Services) -> ModelLauncher:
@@ -38,21 +44,34 @@ def _source(services: Services, name: str) -> str:
     return "registry" if services.registry.get(name) else "launched"
 
 
+def _for(who: Caller, entry: dict[str, Any]) -> dict[str, Any]:
+    """Where a model failed to load (host, node) is for admins; its reason is every
+    caller's, as the 503 `model_load_failed` tells it too."""
+    if entry.get("load_error") and not who.may(Scope.admin):
+        entry["load_error"] = {k: entry["load_error"][k] for k in ("reason", "time")}
+    return entry
+
+
 @router.get("/v1/models")
-async def list_models(services: ServicesDep) -> dict[str, Any]:
+async def list_models(services: ServicesDep, who: CallerInfo) -> dict[str, Any]:
     state = await _state(services)
     data = [
-        model_entry(spec, _source(services, spec.name), state, services.started_at)
+        _for(who, model_entry(spec, _source(services, spec.name), state, services.started_at))
         for spec in (services.model(name) for name in services.model_names())
     ]
     return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{model}")
-async def get_model(model: str, services: ServicesDep) -> dict[str, Any]:
+async def get_model(model: str, services: ServicesDep, who: CallerInfo) -> dict[str, Any]:
+    """The model's card; its replicas (hosts, devices) and registry entry (paths, options)
+    only for admin keys: an inference key has no business with where models live."""
     state = await _state(services)
     spec = services.model(model)
-    return model_entry(spec, _source(services, model), state, services.started_at, detail=True)
+    detail = who.may(Scope.admin)
+    return _for(
+        who, model_entry(spec, _source(services, model), state, services.started_at, detail)
+    )
 
 
 ADMIN = [Depends(require(Scope.admin))]

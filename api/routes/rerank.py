@@ -13,7 +13,10 @@ router = APIRouter()
 @router.post("/v1/rerank")
 async def rerank(body: RerankRequest, services: ServicesDep, timeout: TimeoutDep) -> JSONResponse:
     call = await prepare_rerank(body, services)
-    await services.admit(call.spec)
-    outcome = await services.dispatcher.call(call.spec, call.task, call.payload, timeout)
+    admitted = await services.admit(call.spec, call.work, timeout)
+    try:
+        outcome = await services.dispatcher.call(call.spec, call.task, call.payload, timeout)
+    finally:
+        admitted.release()
     payload = render_rerank(body, call.spec.name, outcome.result, outcome.request_id, now_s())
     return JSONResponse(payload, headers={REPLICA_HEADER: payload["meta"]["replica"]})

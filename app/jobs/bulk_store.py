@@ -53,6 +53,13 @@ class BulkStore:
             rows = list(session.scalars(query.order_by(kind.id.desc()).limit(limit + 1)))
         return rows[:limit], len(rows) > limit
 
+    def among(self, kind: type[Parent], ids: Sequence[str], statuses: Sequence[str]) -> set[str]:
+        """Which of `ids` exist in one of `statuses`."""
+        with self._sessions() as session:
+            return set(
+                session.scalars(select(kind.id).where(kind.id.in_(ids), kind.status.in_(statuses)))
+            )
+
     def in_status(self, kind: type[Parent], statuses: Sequence[str]) -> list[Parent]:
         with self._sessions() as session:
             return list(

@@ -2,23 +2,32 @@
 
 Uploads are written in chunks to a temporary file beside the final one and
 renamed when complete, so a file is either whole or absent, and memory use
-does not depend on its size.
+does not depend on its size. A file may carry an expiry, after which the
+coordinator's housekeeping deletes it (api/bulk.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import session_factory
-from app.errors import PayloadTooLarge
+from app.errors import InferqError, PayloadTooLarge
 from app.jobs.models import FileRecord
 from app.jobs.store import sortable_id, utcnow
+
+
+def _too_large(limit: int) -> Callable[[], InferqError]:
+    return lambda: PayloadTooLarge(
+        f"the file is larger than {limit} bytes (INFERQ_MAX_UPLOAD_BYTES)", param="file"
+    )
 
 
 def new_file_id() -> str:
@@ -61,26 +70,59 @@ class FileStore:
         filename: str,
         chunks: AsyncIterator[bytes],
         limit: int,
+        expires_after: timedelta | None = None,
+        too_large: Callable[[], InferqError] | None = None,
     ) -> FileRecord:
+        """Write the upload beside its final place and record it; writing, fsync and the
+        commit run in threads, never on the event loop."""
         file_id = new_file_id()
-        relative, final = self._place(file_id)
+        relative, final = await asyncio.to_thread(self._place, file_id)
         tmp = final.with_suffix(".part")
         size = 0
+        out = await asyncio.to_thread(tmp.open, "wb")
         try:
-            with tmp.open("wb") as out:
+            try:
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > limit:
-                        raise PayloadTooLarge(
-                            f"the file is larger than {limit} bytes (INFERQ_MAX_UPLOAD_BYTES)",
-                            param="file",
-                        )
-                    out.write(chunk)
-            fsync_replace(tmp, final)
+                        raise (too_large or _too_large(limit))()
+                    await asyncio.to_thread(out.write, chunk)
+            finally:
+                await asyncio.to_thread(out.close)
+            await asyncio.to_thread(fsync_replace, tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return self._record(file_id, owner, purpose, filename, size, relative)
+        return await asyncio.to_thread(
+            self._record, file_id, owner, purpose, filename, size, relative, expires_after
+        )
+
+    def usage(self, owner: str) -> tuple[int, int]:
+        """(files, bytes) the owner keeps, uploaded and produced."""
+        with self._sessions() as session:
+            count, total = session.execute(
+                select(func.count(), func.coalesce(func.sum(FileRecord.bytes), 0)).where(
+                    FileRecord.owner == owner
+                )
+            ).one()
+        return int(count), int(total)
+
+    def delete_expired(self, limit: int = 500) -> int:
+        """Delete files past their `expires_at`, rows and bytes; how many went."""
+        with self._sessions() as session:
+            expired = list(
+                session.scalars(
+                    select(FileRecord)
+                    .where(FileRecord.expires_at.is_not(None), FileRecord.expires_at < utcnow())
+                    .limit(limit)
+                )
+            )
+            for record in expired:
+                session.delete(record)
+            session.commit()
+        for record in expired:
+            self.path_of(record).unlink(missing_ok=True)
+        return len(expired)
 
     def adopt(self, owner: str, purpose: str, filename: str, source: Path) -> FileRecord:
         """Register a file a job produced, moving it into the store durably."""
@@ -92,8 +134,16 @@ class FileStore:
         return self._record(file_id, owner, purpose, filename, final.stat().st_size, relative)
 
     def _record(
-        self, file_id: str, owner: str, purpose: str, filename: str, size: int, relative: str
+        self,
+        file_id: str,
+        owner: str,
+        purpose: str,
+        filename: str,
+        size: int,
+        relative: str,
+        expires_after: timedelta | None = None,
     ) -> FileRecord:
+        created = utcnow()
         record = FileRecord(
             id=file_id,
             owner=owner,
@@ -101,7 +151,9 @@ class FileStore:
             filename=filename,
             bytes=size,
             path=relative,
-            created_at=utcnow(),
+            created_at=created,
+            # OpenAI's anchor is the file's created_at, whatever the upload took.
+            expires_at=created + expires_after if expires_after else None,
         )
         with self._sessions() as session:
             session.add(record)

@@ -42,6 +42,10 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+class SchemaBehind(RuntimeError):
+    """The job database answers but needs `inferq db upgrade`: the message says so."""
+
+
 def schema_problem(engine: Engine, url: str) -> str | None:
     """None when the database is at the newest revision, else what the operator must do."""
     current, head = current_revision(engine), head_revision(url)

@@ -65,6 +65,7 @@ class Job(Base):
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_owner_id", "owner", "id"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
+        Index("ix_jobs_status_lease_until", "status", "lease_until"),
         Index("ix_jobs_webhook_status_webhook_next_at", "webhook_status", "webhook_next_at"),
         # One child per place in its parent: a split or validation run twice cannot
         # insert a line or shard twice.
@@ -97,6 +98,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # Until when the running attempt holds the job: renewed by its worker while it runs.
+    # Past it, the job is taken over even if that worker still sends heartbeats.
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     expires_at: Mapped[datetime] = mapped_column(DateTime)
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -115,7 +119,10 @@ class FileRecord(Base):
     """An uploaded or produced file; its bytes live under the files directory."""
 
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_owner_id", "owner", "id"),)
+    __table_args__ = (
+        Index("ix_files_owner_id", "owner", "id"),
+        Index("ix_files_expires_at", "expires_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(48), primary_key=True)
     owner: Mapped[str] = mapped_column(String(64), default="")
@@ -125,6 +132,8 @@ class FileRecord(Base):
     # Relative to the files directory, so the directory can move or be mounted elsewhere.
     path: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    # OpenAI's `expires_after`: the file (row and bytes) is deleted after this; None keeps it.
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class BatchStatus(enum.StrEnum):

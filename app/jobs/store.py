@@ -13,12 +13,12 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, case, delete, func, or_, select, update
+from sqlalchemy import Engine, and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer, sessionmaker
 
@@ -209,14 +209,18 @@ class JobStore:
         replica_id: str,
         replica_alive: Callable[[str], bool],
         max_attempts: int,
+        lease_s: float,
     ) -> Claim:
         """Take a delivered job for this replica, or say why the delivery is dropped.
 
-        A queued job is claimed outright. A running job whose replica no longer
-        lives was redelivered after that worker died: it is taken over, and its
-        attempts grow; past `max_attempts` it fails instead.
+        A queued job is claimed outright, with a lease of `lease_s` that its worker
+        renews while it runs. A running job is taken over, its attempts growing, once
+        its replica no longer lives or its lease ran out (the outcome could not be
+        recorded, the attempt hangs), even on the replica that held it; past
+        `max_attempts` it fails instead.
         """
         now = utcnow()
+        lease_until = now + timedelta(seconds=lease_s)
         with self._sessions() as session:
             claimed = session.execute(
                 update(Job)
@@ -226,6 +230,7 @@ class JobStore:
                     attempts=Job.attempts + 1,
                     replica_id=replica_id,
                     started_at=now,
+                    lease_until=lease_until,
                 )
             ).rowcount
             session.commit()
@@ -236,22 +241,30 @@ class JobStore:
                 return Claim(None, "unknown")
             if job.status != JobStatus.running:
                 return Claim(None, job.status)
-            holder = job.replica_id
-            if holder == replica_id:
-                return Claim(None, "duplicate")
-            if holder and replica_alive(holder):
-                return Claim(None, "held")
+            holder, held_until = job.replica_id, job.lease_until
+            if held_until is None or held_until > now:
+                if holder == replica_id:
+                    return Claim(None, "duplicate")
+                if holder and replica_alive(holder):
+                    return Claim(None, "held")
+            same_attempt = (
+                Job.id == job_id,
+                Job.status == JobStatus.running,
+                _holder(holder),
+                _lease(held_until),
+            )
             if job.attempts >= max_attempts:
                 session.execute(
                     update(Job)
-                    .where(Job.id == job_id, Job.status == JobStatus.running, _holder(holder))
+                    .where(*same_attempt)
                     .values(
                         status=JobStatus.failed,
                         finished_at=now,
                         error={
                             "code": "worker_lost",
-                            "message": f"the worker running this job stopped {job.attempts} "
-                            f"time(s); giving up after {max_attempts} attempts",
+                            "message": f"the job's run ended without an outcome {job.attempts} "
+                            f"time(s) (its worker stopped, hung or could not record it); "
+                            f"giving up after {max_attempts} attempts",
                         },
                         webhook_status=_webhook_pending(),
                         webhook_next_at=now,
@@ -261,14 +274,36 @@ class JobStore:
                 return Claim(None, "attempts_exhausted")
             taken = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.running, _holder(holder))
-                .values(attempts=Job.attempts + 1, replica_id=replica_id, started_at=now)
+                .where(*same_attempt)
+                .values(
+                    attempts=Job.attempts + 1,
+                    replica_id=replica_id,
+                    started_at=now,
+                    lease_until=lease_until,
+                )
             ).rowcount
             session.commit()
             if not taken:
                 return Claim(None, "raced")
             session.expire_all()
             return Claim(session.get(Job, job_id), "taken_over")
+
+    def renew(self, job_ids: Collection[str], replica_id: str, lease_s: float) -> int:
+        """Extend the leases of the jobs this replica runs; how many it still holds."""
+        if not job_ids:
+            return 0
+        with self._sessions() as session:
+            renewed = session.execute(
+                update(Job)
+                .where(
+                    Job.id.in_(list(job_ids)),
+                    Job.status == JobStatus.running,
+                    Job.replica_id == replica_id,
+                )
+                .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+            ).rowcount
+            session.commit()
+        return int(renewed or 0)
 
     def finish(
         self,
@@ -342,8 +377,37 @@ class JobStore:
             session.commit()
         return int(gone or 0)
 
-    def queued_unseen(self, older_than_s: float, limit: int = 500) -> Sequence[Job]:
-        """Queued jobs never sent, or sent long ago: candidates for sending (again)."""
+    def queued_never_sent(self, limit: int = 500) -> Sequence[Job]:
+        """Queued jobs whose message was never sent (the broker was down at submit).
+        Sending marks them, so each sweep moves past the ones it sent."""
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(Job)
+                    .where(Job.status == JobStatus.queued, Job.sent_at.is_(None))
+                    .order_by(Job.id)
+                    .limit(limit)
+                )
+            )
+
+    def models_sent_long_ago(self, older_than_s: float) -> list[str]:
+        """Models with queued jobs sent more than `older_than_s` ago: their messages may
+        have vanished, or may just wait their turn (the sweeper asks the queue)."""
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(Job.model)
+                    .where(Job.status == JobStatus.queued, Job.sent_at < cutoff)
+                    .distinct()
+                )
+            )
+
+    def queued_sent_long_ago(
+        self, model: str, older_than_s: float, limit: int = 500
+    ) -> Sequence[Job]:
+        """One model's queued jobs sent more than `older_than_s` ago, oldest first: a model
+        with a long backlog never keeps another model's lost jobs from being seen."""
         cutoff = utcnow() - timedelta(seconds=older_than_s)
         with self._sessions() as session:
             return list(
@@ -351,15 +415,19 @@ class JobStore:
                     select(Job)
                     .where(
                         Job.status == JobStatus.queued,
-                        or_(Job.sent_at.is_(None), Job.sent_at < cutoff),
+                        Job.model == model,
+                        Job.sent_at < cutoff,
                     )
                     .order_by(Job.id)
                     .limit(limit)
                 )
             )
 
-    def running_since(self, older_than_s: float, limit: int = 500) -> Sequence[Job]:
-        cutoff = utcnow() - timedelta(seconds=older_than_s)
+    def running_unheld(self, grace_s: float, limit: int = 500) -> Sequence[Job]:
+        """Running jobs not sent again within `grace_s` whose lease ran out, or, claimed
+        without a lease, that started longer ago: candidates for a takeover."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=grace_s)
         with self._sessions() as session:
             return list(
                 session.scalars(
@@ -367,7 +435,12 @@ class JobStore:
                     .where(
                         Job.status == JobStatus.running,
                         or_(Job.sent_at.is_(None), Job.sent_at < cutoff),
-                        Job.started_at < cutoff,
+                        # A leased job is a candidate once its lease ran out: healthy long
+                        # runs never fill the page ahead of lost ones.
+                        or_(
+                            Job.lease_until < now,
+                            and_(Job.lease_until.is_(None), Job.started_at < cutoff),
+                        ),
                     )
                     .order_by(Job.id)
                     .limit(limit)
@@ -419,6 +492,10 @@ class JobStore:
 
 def _holder(replica_id: str | None) -> Any:
     return Job.replica_id.is_(None) if replica_id is None else Job.replica_id == replica_id
+
+
+def _lease(until: datetime | None) -> Any:
+    return Job.lease_until.is_(None) if until is None else Job.lease_until == until
 
 
 def _webhook_pending() -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
@@ -17,6 +18,9 @@ MODEL_TYPES: dict[str, ModelKind] = {
     "rerank": ModelKind.rerank,
 }
 
+
+#: The most JSON bytes `model_options` may hold.
+MAX_OPTIONS_BYTES = 16 * 1024
 
 #: The most devices one range in `devices` may name (`0-3` names four).
 MAX_DEVICES = 4096
@@ -87,6 +91,15 @@ class LaunchRequest(BaseModel):
             if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
                 raise ValueError("device ids are strings or integers")
             return [str(v) for v in value]
+        return value
+
+    @field_validator("model_options")
+    @classmethod
+    def _bounded_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # They travel to the node and into the worker's environment, which the kernel
+        # bounds (a 200 KB option string would make the worker impossible to start).
+        if len(json.dumps(value, default=str)) > MAX_OPTIONS_BYTES:
+            raise ValueError(f"model_options hold at most {MAX_OPTIONS_BYTES} bytes of JSON")
         return value
 
     @field_validator("n_gpu")
