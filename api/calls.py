@@ -77,6 +77,15 @@ async def prepare_embeddings(body: EmbeddingRequest, services: Services) -> Prep
     spec = services.model(body.model, kind="embedding")
     note_model(spec.name)
     check_input_limits(body.input, services.settings)
+    if not spec.options.get("token_id_input") and any(isinstance(i, list) for i in body.input):
+        raise InvalidRequest(
+            f"the model {spec.name!r} does not take token ids as input: ids from another "
+            "tokenizer (tiktoken's, which LangChain's OpenAIEmbeddings sends unless "
+            "check_embedding_ctx_length=False) would give wrong vectors. Send text; a "
+            "registry entry's token_id_input: true takes ids of the model's own tokenizer",
+            param="input",
+            code="token_ids_not_accepted",
+        )
     task = EmbeddingTask(inputs=body.input, truncate=body.truncate, dimensions=body.dimensions)
     return Prepared(body, spec, EMBEDDINGS_TASK, task.model_dump(), len(body.input))
 
@@ -119,6 +128,7 @@ def render_rerank(
         order = order[: body.top_n]
     return {
         "id": request_id,
+        "model": model,
         "results": [
             {
                 "index": i,
@@ -127,6 +137,8 @@ def render_rerank(
             }
             for i in order
         ],
+        # Jina's count; Cohere's and Xinference's are in meta.
+        "usage": {"total_tokens": result.input_tokens, "prompt_tokens": result.input_tokens},
         "meta": {
             "api_version": None,
             "billed_units": None,

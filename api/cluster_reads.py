@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from api.jobs import KOMBU_PRIORITY_SEP, KOMBU_PRIORITY_STEPS
 from app.cluster_state import Assignment, Deployment, NodeReport
 from app.keys import KeySpace
+from app.model_facts import read_facts
 from app.registry import bulk_queue, model_queue
 from app.replicas import read_load_errors
 
@@ -38,6 +39,8 @@ class ClusterState:
     replicas: dict[str, list[dict[str, Any]]]
     #: model -> its engine's recent load failure ({reason, time, host, node, pid}).
     load_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: model -> what its last loaded replica reported it takes (app/model_facts.py).
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def assignments(self) -> list[Assignment]:
         return [a for node in self.nodes.values() for a in node.assignments]
@@ -123,7 +126,8 @@ async def read_cluster(
                 models.append(assignment.uid)
     replicas = await read_replicas(client, keys, models)
     load_errors = await read_load_errors(client, keys, models)
-    return ClusterState(nodes, deployments, replicas, load_errors)
+    facts = await read_facts(client, keys, models)
+    return ClusterState(nodes, deployments, replicas, load_errors, facts)
 
 
 async def queue_depths(

@@ -13,7 +13,7 @@ from app.registry import ModelSpec, bulk_queue, model_queue
 DONE_COUNTERS = ("answered", "failed", "jobs_succeeded", "jobs_failed")
 
 
-def _processes(state: ClusterState) -> dict[str, WorkerProcess]:
+def worker_processes(state: ClusterState) -> dict[str, WorkerProcess]:
     """What nodes report of each assignment's worker process."""
     found: dict[str, WorkerProcess] = {}
     for node in state.nodes.values():
@@ -103,7 +103,7 @@ def model_entry(
         "load_error": _load_error(state.load_errors.get(spec.name)),
     }
     if detail:
-        processes = _processes(state)
+        processes = worker_processes(state)
         entry["replicas"] = [replica_view(a, state, processes) for a in assignments]
         entry["registry_entry"] = registry_entry(spec, assignments)
     return entry
@@ -229,7 +229,7 @@ def cluster_view(
     started_at: int,
     heartbeat_ttl: float,
 ) -> dict[str, Any]:
-    processes = _processes(state)
+    processes = worker_processes(state)
     model_rows = []
     queues = []
     for spec, source in models:

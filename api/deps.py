@@ -19,26 +19,26 @@ TIMEOUT_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,12})?$"
 
 
 def request_timeout(
-    services: Annotated[Services, Depends(get_services)],
     x_inferq_timeout: Annotated[
         str | None,
         Header(
-            description="Seconds this request may take, at most the server's own timeout.",
+            description="Seconds this request may take: shorter than the model's timeout, "
+            "or longer up to INFERQ_MAX_REQUEST_TIMEOUT_S.",
             json_schema_extra={"pattern": TIMEOUT_PATTERN},
         ),
     ] = None,
-) -> float:
-    """The caller may shorten the server's timeout (never lengthen it) with a header."""
-    limit = services.settings.request_timeout_s
+) -> float | None:
+    """The seconds the caller asks for, if it does; `Services.timeout_for` bounds them by
+    the model's own timeout and the server's maximum."""
     if x_inferq_timeout is None:
-        return limit
+        return None
     if not re.fullmatch(TIMEOUT_PATTERN, x_inferq_timeout.strip()):
         raise InvalidRequest(f"{TIMEOUT_HEADER} must be a number of seconds")
     value = float(x_inferq_timeout)
     if not 0 < value < float("inf"):
         raise InvalidRequest(f"{TIMEOUT_HEADER} must be positive")
-    return min(value, limit)
+    return value
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
-TimeoutDep = Annotated[float, Depends(request_timeout)]
+TimeoutDep = Annotated[float | None, Depends(request_timeout)]

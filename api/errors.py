@@ -20,6 +20,7 @@ from app.errors import (
     InferqError,
     InvalidRequest,
     Overloaded,
+    error_body,
     job_store_unavailable,
 )
 
@@ -34,9 +35,11 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """OpenAI's error object: what every refusal and failure answers with."""
+    """OpenAI's error object: what every refusal and failure answers with; `detail`
+    repeats the message for clients of Xinference's API, which read that."""
 
     error: ErrorDetail
+    detail: str
 
 
 def _documented(description: str) -> dict[str, Any]:
@@ -146,14 +149,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and message == "There was an error parsing the body":
             message = _unparsable_body(exc.__cause__)
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        body = {
-            "error": {
-                "message": message,
-                "type": kind,
-                "param": None,
-                "code": {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code),
-            }
-        }
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        body = error_body(message, kind, None, code)
         return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(sqlalchemy.exc.SQLAlchemyError)
@@ -169,15 +166,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        body = {
-            "error": {
-                "message": "internal error",
-                "type": "server_error",
-                "param": None,
-                "code": None,
-            }
-        }
-        return JSONResponse(body, status_code=500)
+        return JSONResponse(error_body("internal error", "server_error", None, None), 500)
 
     _document_errors_as_raised(app)
 

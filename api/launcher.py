@@ -141,6 +141,62 @@ def check_launch_policy(request: LaunchRequest, base: ModelSpec | None, settings
         )
 
 
+def xinference_extras(request: LaunchRequest) -> list[str]:
+    """What becomes of the fields xinference-client's launch_model sends besides ours:
+    a refusal where ignoring one would run something else than was asked (LoRA
+    adapters, a replica across nodes, the worker's environment), else a warning
+    (returned to the caller and logged) that it is not used."""
+    if request.n_worker is not None and request.n_worker > 1:
+        raise InvalidRequest(
+            "n_worker > 1 (one replica over several nodes) is not supported: a replica runs "
+            "on one node; give it more devices with n_gpu",
+            param="n_worker",
+        )
+    if request.replica_config:
+        raise InvalidRequest(
+            "replica_config is not supported: place replicas with replica, worker_ip and "
+            "gpu_idx (or devices)",
+            param="replica_config",
+        )
+    if request.peft_model_config and any(request.peft_model_config.values()):
+        raise InvalidRequest(
+            "LoRA adapters (peft_model_config) are not supported", param="peft_model_config"
+        )
+    if request.envs:
+        raise PermissionDenied(
+            "envs chooses the worker's environment on the node: set env in the registry",
+            param="envs",
+            code="option_not_allowed",
+        )
+    warnings: list[str] = []
+    if request.request_limits is not None:
+        warnings.append(
+            "request_limits is ignored: the API bounds each model's queue "
+            "(INFERQ_MAX_QUEUE_DEPTH) and its queued work"
+        )
+    if request.enable_thinking is not None:
+        warnings.append(
+            "enable_thinking is ignored at launch: send chat_template_kwargs "
+            '{"enable_thinking": ...} with each chat request'
+        )
+    if request.enable_virtual_env or request.virtual_env_packages or request.virtual_env_find_links:
+        warnings.append(
+            "virtual environments are not built at launch: a registry entry's python: names "
+            "the interpreter an engine's server runs in"
+        )
+    described = [
+        name
+        for name in ("model_size_in_billions", "model_format", "quantization")
+        if getattr(request, name) not in (None, "", "none")
+    ]
+    if described:
+        warnings.append(
+            f"{', '.join(described)} {'is' if len(described) == 1 else 'are'} not used: the "
+            "model path says what the model is (set quantization in model_options for vLLM)"
+        )
+    return warnings
+
+
 class ModelLauncher:
     def __init__(
         self,

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 from redis.exceptions import RedisError
 
 from api.admission import InflightLimit, QueueAdmission
@@ -34,6 +35,7 @@ from api.routes import (
     models,
     rerank,
     ui,
+    xinference,
 )
 from api.routes.metrics import router as metrics_router
 from api.services import BulkServices, Services
@@ -135,7 +137,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             await router.stop()
             await client.aclose()
 
-    app = FastAPI(title="inferq", version=__version__, lifespan=lifespan)
+    # /docs and /redoc from assets in a package, not a CDN: VACC sites are often offline.
+    app = FastAPIOffline(
+        title="inferq", version=__version__, lifespan=lifespan, static_url="/docs-assets"
+    )
     install_error_handlers(app)
     app.add_middleware(
         InflightLimit,
@@ -152,6 +157,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.include_router(health.router)
     app.include_router(ui.router)  # the cluster web page; its script sends the API key
     app.include_router(metrics_router)  # no API key, like /health (see its route)
+    app.include_router(xinference.router)  # no API key: clients ask it whether to send one
     # Every /v1 route needs an API key with the route's scope when keys are configured;
     # launching and terminating models (in the models router) need admin.
     scoped = {

@@ -129,6 +129,15 @@ class Services:
                 log.warning("ignoring launched model %r: %s", uid, exc)
         self.launched = launched
 
+    def timeout_for(self, spec: ModelSpec, asked: float | None) -> float:
+        """The model's request timeout (its registry entry's, else INFERQ_REQUEST_TIMEOUT_S);
+        a caller's `X-Inferq-Timeout` may shorten it, or lengthen it up to
+        INFERQ_MAX_REQUEST_TIMEOUT_S (a long reasoning answer needs minutes)."""
+        own = spec.request_timeout_s or self.settings.request_timeout_s
+        if asked is None:
+            return own
+        return min(asked, max(own, self.settings.max_request_timeout_s))
+
     def model(self, name: str, kind: str | None = None) -> ModelSpec:
         spec = self.find_model(name)
         if spec is None:

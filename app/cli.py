@@ -331,9 +331,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from app.embed_cli import run_embed
 
-    settings = get_settings()
-    base = args.api or f"http://{settings.api_host}:{settings.api_port}"
-    key = args.api_key or (settings.api_keys[0] if settings.api_keys else None)
+    base, key = api_target(args)
     run_embed(
         base,
         key,
@@ -348,13 +346,23 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def api_target(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The API a client command talks to, and its key: `--api`/`--api-key`, else
+    INFERQ_API_URL/INFERQ_API_KEY, else this host's API (a wildcard bind address is
+    reached on loopback) and the first of its keys."""
+    settings = get_settings()
+    host = settings.api_host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    base = args.api or settings.api_url or f"http://{host}:{settings.api_port}"
+    key = args.api_key or settings.api_key or (settings.api_keys[0] if settings.api_keys else None)
+    return base.rstrip("/"), key
+
+
 def _api_client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from app.cluster_cli import api_client
 
-    settings = get_settings()
-    base = args.api or f"http://{settings.api_host}:{settings.api_port}"
-    key = args.api_key or (settings.api_keys[0] if settings.api_keys else None)
-    return api_client(base, key)
+    return api_client(*api_target(args))
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -408,7 +416,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from app.cluster_cli import list_models
 
     with _api_client(args) as client:
-        list_models(client)
+        list_models(client, as_json=args.json)
     return 0
 
 
@@ -466,68 +474,138 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inferq", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from app import __version__
 
-    up = sub.add_parser("up", help="run Redis (if none is set), the API and every worker")
-    up.add_argument("--host")
-    up.add_argument("--port", type=int)
-    up.add_argument("--startup-timeout", type=float, default=600.0)
+    parser = argparse.ArgumentParser(
+        prog="inferq",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Settings come from INFERQ_* environment variables (see the README); "
+        "flags override them.\n`inferq COMMAND --help` shows each command's flags.",
+    )
+    parser.add_argument("--version", action="version", version=f"inferq {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, *examples: str) -> argparse.ArgumentParser:
+        epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    def loglevel(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument(
+            "--loglevel", default="info", help="debug, info, warning or error (default: info)"
+        )
+
+    up = command(
+        "up",
+        "run Redis (if none is set), the API and every worker",
+        "inferq up",
+        "inferq up --host 0.0.0.0 --port 8000 --flower",
+    )
+    up.add_argument("--host", help="the API's bind address (default: INFERQ_API_HOST, 127.0.0.1)")
+    up.add_argument("--port", type=int, help="the API's port (default: INFERQ_API_PORT, 9997)")
+    up.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for every worker to load its model (default: 600)",
+    )
     up.add_argument("--flower", action="store_true", help="also run Flower (basic auth)")
     up.set_defaults(func=cmd_up)
 
-    worker = sub.add_parser("worker", help="serve one replica of a model on pinned devices")
-    worker.add_argument("--model", required=True)
+    worker = command(
+        "worker",
+        "serve one replica of a model on pinned devices",
+        "inferq worker --model bge-m3 --devices 0",
+        "inferq worker --model qwen3 --devices 0-3 --replica 1",
+    )
+    worker.add_argument("--model", required=True, help="a model name from the registry")
     worker.add_argument("--devices", default="", help="e.g. 0,1 or 0-3 (CPU: core ids)")
-    worker.add_argument("--replica", type=int, default=0)
-    worker.add_argument("--concurrency", type=int, default=0)
-    worker.add_argument("--loglevel", default="info")
+    worker.add_argument(
+        "--replica", type=int, default=0, help="this replica's number, for logs (default: 0)"
+    )
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="messages held at once (default: what the engine runs at once)",
+    )
+    loglevel(worker)
     worker.set_defaults(func=cmd_worker)
 
-    node = sub.add_parser(
-        "node", help="the node agent: offers this machine's devices and runs launched models"
+    node = command(
+        "node",
+        "the node agent: offers this machine's devices and runs launched models",
+        "inferq node --devices 0-15 --device-kind vacc",
+        "inferq node --name gpu-2 --devices 0-7 --device-kind cuda --address 10.0.0.12",
     )
     node.add_argument("--name", help="default: INFERQ_NODE_NAME or the host name")
     node.add_argument("--devices", help="e.g. 0-15 (accelerators) or CPU core ids")
-    node.add_argument("--device-kind", choices=["cpu", "cuda", "vacc"])
+    node.add_argument("--device-kind", choices=["cpu", "cuda", "vacc"], help="default: cpu")
     node.add_argument("--address", help="how other hosts reach this one (default: detected)")
-    node.add_argument("--loglevel", default="info")
+    loglevel(node)
     node.set_defaults(func=cmd_node)
 
-    api = sub.add_parser("api", help="serve the HTTP API")
-    api.add_argument("--host")
-    api.add_argument("--port", type=int)
-    api.add_argument("--loglevel", default="info")
+    api = command("api", "serve the HTTP API", "inferq api --host 0.0.0.0 --port 9997")
+    api.add_argument("--host", help="bind address (default: INFERQ_API_HOST, 127.0.0.1)")
+    api.add_argument("--port", type=int, help="port (default: INFERQ_API_PORT, 9997)")
+    loglevel(api)
     api.set_defaults(func=cmd_api)
 
-    db = sub.add_parser("db", help="migrate the job database (Alembic)")
-    db.add_argument("action", choices=["upgrade", "downgrade", "current"])
+    db = command(
+        "db", "migrate the job database (Alembic)", "inferq db upgrade", "inferq db current"
+    )
+    db.add_argument("action", choices=["upgrade", "downgrade", "current"], help="what to do")
     db.add_argument("revision", nargs="?", help="default: head (upgrade), -1 (downgrade)")
     db.set_defaults(func=cmd_db)
 
-    embed = sub.add_parser("embed", help="embed a whole file as a corpus job on the cluster")
+    def api_flags(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument(
+            "--api",
+            help="the API's base URL, e.g. http://10.0.0.5:9997 (default: INFERQ_API_URL, "
+            "else this host's INFERQ_API_HOST/PORT)",
+        )
+        cmd.add_argument(
+            "--api-key", help="default: INFERQ_API_KEY, else the first of INFERQ_API_KEYS"
+        )
+
+    embed = command(
+        "embed",
+        "embed a whole file as a corpus job on the cluster",
+        "inferq embed corpus.jsonl --model bge-m3 --out vectors.parquet",
+        "inferq embed docs.csv --model bge-m3 --text-field body --id-field doc_id --out v.npy",
+    )
     embed.add_argument("input", help="JSONL, CSV, Parquet, or plain text (one text per line)")
-    embed.add_argument("--model", required=True)
+    embed.add_argument("--model", required=True, help="an embedding model the API serves")
     embed.add_argument("--out", required=True, help="output file: .jsonl, .parquet or .npy")
-    embed.add_argument("--format", choices=["jsonl", "parquet", "npy"])
+    embed.add_argument("--format", choices=["jsonl", "parquet", "npy"], help="default: --out's")
     embed.add_argument("--text-field", help="field holding the text (default: text)")
     embed.add_argument("--id-field", help="field holding the id (default: the row number)")
-    embed.add_argument("--shard-size", type=int)
-    embed.add_argument("--api", help="API base URL (default: INFERQ_API_HOST/PORT)")
-    embed.add_argument("--api-key", help="default: the first of INFERQ_API_KEYS")
+    embed.add_argument("--shard-size", type=int, help="texts per shard (default: the API's)")
+    api_flags(embed)
     embed.set_defaults(func=cmd_embed)
 
-    def api_flags(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--api", help="API base URL (default: INFERQ_API_HOST/PORT)")
-        command.add_argument("--api-key", help="default: the first of INFERQ_API_KEYS")
-
-    launch = sub.add_parser("launch", help="launch replicas of a model on nodes (via the API)")
+    launch = command(
+        "launch",
+        "launch replicas of a model on nodes (via the API)",
+        "inferq launch bge-m3 --replica 2",
+        "inferq launch qwen3 --type chat --engine vllm --path /models/Qwen3-30B-A3B-FP8 "
+        "--n-gpu 2 --option max_model_len=32768",
+        "inferq launch --registry docker/registry/launched-only.yaml",
+    )
     launch.add_argument("model", nargs="?", help="model name (a registry entry, or a new one)")
     launch.add_argument("--uid", help="the name clients call it by (default: the model name)")
-    launch.add_argument("--type", choices=["embedding", "rerank", "chat", "LLM"])
-    launch.add_argument("--engine")
+    launch.add_argument(
+        "--type", choices=["embedding", "rerank", "chat", "LLM"], help="default: the registry's"
+    )
+    launch.add_argument("--engine", help="e.g. vllm, sentence_transformers (default: registry's)")
     launch.add_argument("--path", help="model directory or file (or package:<module>/<sub>)")
-    launch.add_argument("--replica", type=int, default=1)
+    launch.add_argument("--replica", type=int, default=1, help="replicas to add (default: 1)")
     launch.add_argument("--n-gpu", type=int, help="devices per replica")
     launch.add_argument(
         "--devices",
@@ -535,36 +613,99 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.add_argument("--node", help="node name or address (xinference's worker_ip)")
     launch.add_argument(
-        "--option", action="append", type=_option, metavar="KEY=VALUE", help="engine option"
+        "--option",
+        action="append",
+        type=_option,
+        metavar="KEY=VALUE",
+        help="engine option, repeatable (e.g. --option max_model_len=8192)",
     )
     launch.add_argument("--registry", help="launch entries of this registry file as written")
-    launch.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True)
+    launch.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wait until every new replica serves (default: yes)",
+    )
     launch.add_argument("--timeout", type=float, default=900.0, help="seconds --wait waits")
     api_flags(launch)
     launch.set_defaults(func=cmd_launch)
 
-    terminate = sub.add_parser("terminate", help="stop a launched model, or one replica")
-    terminate.add_argument("model")
+    terminate = command(
+        "terminate",
+        "stop a launched model, or one replica",
+        "inferq terminate bge-m3",
+        "inferq terminate bge-m3 --replica 3f2a9c1b",
+    )
+    terminate.add_argument("model", help="the model's uid")
     terminate.add_argument("--replica", help="one replica id (see `inferq list` / the API)")
     api_flags(terminate)
     terminate.set_defaults(func=cmd_terminate)
 
-    listing = sub.add_parser("list", help="list models with replicas alive and wanted")
+    listing = command(
+        "list",
+        "list models with replicas alive and wanted",
+        "inferq list",
+        "inferq list --json --api http://10.0.0.5:9997",
+    )
+    listing.add_argument("--json", action="store_true", help="the API's model entries as JSON")
     api_flags(listing)
     listing.set_defaults(func=cmd_list)
 
-    flower = sub.add_parser("flower", help="Flower, the Celery monitor, with basic auth")
-    flower.add_argument("--port", type=int)
-    flower.add_argument("--address")
+    flower = command(
+        "flower", "Flower, the Celery monitor, with basic auth", "inferq flower --port 5555"
+    )
+    flower.add_argument("--port", type=int, help="default: INFERQ_FLOWER_PORT")
+    flower.add_argument("--address", help="bind address (default: INFERQ_FLOWER_ADDRESS)")
     flower.set_defaults(func=cmd_flower)
 
-    registry = sub.add_parser("registry", help="validate and list a model registry")
-    registry.add_argument("file", nargs="?")
+    registry = command(
+        "registry",
+        "validate and list a model registry",
+        "inferq registry",
+        "inferq registry models.yaml",
+    )
+    registry.add_argument("file", nargs="?", help="default: INFERQ_REGISTRY, else the built-in")
     registry.set_defaults(func=cmd_registry)
     return parser
+
+
+def _failure(exc: BaseException) -> str | None:
+    """One line for a failure a person can act on (a service not reached, a setting that
+    does not parse), rather than a traceback; None for a real bug."""
+    import httpx
+    import redis
+    from pydantic import ValidationError
+
+    if isinstance(exc, httpx.TransportError):
+        try:
+            url = str(exc.request.url)
+        except RuntimeError:  # raised without its request
+            url = "the API"
+        return (
+            f"cannot reach the API ({url}): {exc or type(exc).__name__}; "
+            "set --api or INFERQ_API_URL"
+        )
+    if isinstance(exc, redis.RedisError):
+        return f"cannot reach Redis: {exc} (INFERQ_REDIS_URL)"
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or exc.title
+        return f"invalid setting INFERQ_{where.upper()}: {first.get('msg')}"
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
+        return str(exc)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        message = _failure(exc)
+        if message is None:
+            raise
+        print(f"inferq: {message}", file=sys.stderr)
+        return 1

@@ -6,6 +6,7 @@ that reaches it, and a registry file's entry launches exactly as written there.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import Any
@@ -82,7 +83,8 @@ def wait_ready(client: httpx.Client, uid: str, replica_ids: set[str], timeout: f
 def launch(
     client: httpx.Client, body: dict[str, Any], wait: bool, timeout: float
 ) -> dict[str, Any]:
-    result = _check(client.post("/v1/models", json=body))
+    # The CLI waits itself (and prints the placement first), so the API answers at once.
+    result = _check(client.post("/v1/models", json=body, params={"wait_ready": "false"}))
     new = {r["replica_id"] for r in result.get("launched_replicas", [])}
     for replica in result.get("launched_replicas", []):
         devices = ",".join(replica["devices"]) or "-"
@@ -105,8 +107,11 @@ def launch_from_registry(
             launch(client, body, wait, timeout)
 
 
-def list_models(client: httpx.Client) -> None:
+def list_models(client: httpx.Client, as_json: bool = False) -> None:
     models = _check(client.get("/v1/models"))["data"]
+    if as_json:
+        print(json.dumps(models, indent=2))
+        return
     print("MODEL\tKIND\tENGINE\tSOURCE\tALIVE/WANTED")
     for m in models:
         print(

@@ -30,19 +30,21 @@ class InferqError(Exception):
         }
 
     def to_openai(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return error_body(self.message, self.type, self.param, self.code)
 
     @staticmethod
     def from_wire(data: dict[str, Any]) -> InferqError:
         cls = ERROR_KINDS.get(str(data.get("kind")), InferqError)
         return cls(str(data.get("message", "")), param=data.get("param"), code=data.get("code"))
+
+
+def error_body(message: str, kind: str, param: str | None, code: str | None) -> dict[str, Any]:
+    """OpenAI's error object, with the message again as `detail`: Xinference's clients
+    (xinference-client, Dify, RAGFlow) read `detail`, the `openai` client reads `error`."""
+    return {
+        "error": {"message": message, "type": kind, "param": param, "code": code},
+        "detail": message,
+    }
 
 
 class InvalidRequest(InferqError):

@@ -58,6 +58,10 @@ class KeySpace:
         """kombu's hash of the unacknowledged messages themselves, by delivery tag."""
         return f"{self.broker_prefix}unacked"
 
+    def model_facts(self, model: str) -> str:
+        """What the model's last loaded replica reported it takes (app/model_facts.py)."""
+        return f"{self.prefix}:model-facts:{model}"
+
     def model_error(self, model: str) -> str:
         """Why the model's engine last failed to load (JSON, expires): set by the worker."""
         return f"{self.prefix}:model-error:{model}"

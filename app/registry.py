@@ -95,6 +95,9 @@ class ModelSpec(BaseModel):
     path: str
     options: dict[str, Any] = Field(default_factory=dict)
     placements: list[Placement] = Field(default_factory=lambda: [Placement()])
+    #: This model's request timeout, instead of INFERQ_REQUEST_TIMEOUT_S (a reasoning
+    #: model's answers take minutes, an embedding model's seconds).
+    request_timeout_s: float | None = Field(default=None, gt=0, le=86_400)
 
     @field_validator("engine")
     @classmethod

@@ -46,9 +46,33 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 9997
+    # Where the client commands (`inferq launch`, `list`, `terminate`, `embed`) reach the
+    # API, and with which key: the server's bind address and key list are not that.
+    api_url: str | None = Field(
+        default=None,
+        description="The API's base URL for client commands, e.g. http://10.0.0.5:9997; "
+        "default: this host's INFERQ_API_HOST/PORT.",
+    )
+    api_key: str | None = Field(
+        default=None,
+        description="The key client commands send; default: the first of INFERQ_API_KEYS.",
+    )
 
     # Sync request path.
-    request_timeout_s: float = Field(default=120.0, gt=0)
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="A request's timeout, unless its model sets its own."
+    )
+    sse_keepalive_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="A streamed answer idle this long gets an SSE comment, so proxies keep it.",
+    )
+    max_request_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="The longest timeout X-Inferq-Timeout may ask for (a reasoning model's "
+        "long answers).",
+    )
     replica_check_interval_s: float = Field(
         default=1.0, gt=0, description="How often a waiting request re-checks that a replica lives."
     )
@@ -265,6 +289,12 @@ class Settings(BaseSettings):
         default=False,
         description="Let launch requests set trust_remote_code (the model's own Python runs "
         "on the node); registry entries may always.",
+    )
+    launch_ready_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="How long POST /v1/models waits for the new replicas to load "
+        "(Xinference's wait_ready, the default) before it answers 504; the launch goes on.",
     )
     node_stop_grace_s: float = Field(
         default=30.0, gt=0, description="A stopping worker finishes in-flight work this long."

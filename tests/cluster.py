@@ -14,6 +14,9 @@ import httpx
 from tests.procs import Proc, db_upgrade, start_api, start_node
 
 ADMIN_KEY = "cluster-admin-key"
+#: Launch without waiting for the replicas to load (the API waits by default, as
+#: Xinference's does): the tests watch the replicas come up themselves.
+AT_ONCE = {"wait_ready": "false"}
 
 
 @dataclass

@@ -29,6 +29,7 @@ models:
     kind: embedding
     engine: sentence_transformers
     path: {MINILM_PATH}
+    options: {{token_id_input: true}}  # tests send ids of its own tokenizer
   - name: minilm-pair
     kind: embedding
     engine: sentence_transformers

@@ -24,7 +24,7 @@ import redis
 
 from api.results import CLIENT_NAME
 from app.embedded_redis import free_port, redis_server_binary
-from tests.cluster import ready_workers, running_cluster
+from tests.cluster import AT_ONCE, ready_workers, running_cluster
 from tests.procs import Proc, alive_replica_count, db_upgrade, start_api, start_node
 
 EMBED = {"model": "minilm", "input": "a steady stream of small requests"}
@@ -244,7 +244,7 @@ def test_redis_stopped_and_restarted_empty_under_load(
         api, base = start_api(env, log_dir)
         procs.append(api)
         http = httpx.Client(base_url=base, timeout=REQUEST_TIMEOUT_S + 10)
-        launched = http.post("/v1/models", json={"model_name": "minilm"})
+        launched = http.post("/v1/models", json={"model_name": "minilm"}, params=AT_ONCE)
         assert launched.status_code == 200, launched.text
         wait_for("minilm's worker", lambda: alive_replica_count(env, "minilm") > 0, 120)
         [worker] = [w for w in http.get("/v1/cluster").json()["workers"] if w["pid"]]
@@ -416,7 +416,7 @@ def test_a_model_whose_engine_cannot_load(
         cluster.add_node("node-lf")
         with cluster.http() as http:
             for name in ("broken-model", "minilm"):
-                launched = http.post("/v1/models", json={"model_name": name})
+                launched = http.post("/v1/models", json={"model_name": name}, params=AT_ONCE)
                 assert launched.status_code == 200, launched.text
 
             def crashes(view: dict[str, Any]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from app.embedded_redis import redis_server_binary
+from tests.cluster import AT_ONCE
 from tests.netns import Hosts, can_make_namespaces, new_hosts
 from tests.procs import Proc, subprocess_env, wait_http
 
@@ -121,7 +122,9 @@ def test_a_request_crosses_the_network_and_503_while_the_link_is_cut(
                 60,
                 "the node in namespace B to join",
             )
-            launched = http.post("/v1/models", json={"model_name": "minilm", "model_uid": MODEL})
+            launched = http.post(
+                "/v1/models", json={"model_name": "minilm", "model_uid": MODEL}, params=AT_ONCE
+            )
             assert launched.status_code == 200, launched.text
             wait_until(lambda: embed(http).status_code == 200, 120, "the launched replica")
             view = cluster_view(http)

@@ -82,11 +82,8 @@ def test_up_serves_on_embedded_redis_and_stops_every_child(
             max_tokens=8,
         )
         assert chat.choices[0].message.content
-        ranked = client.post(
-            "/rerank",
-            body={"model": "minilm-cosine-rerank", "query": "cats", "documents": ["dogs", "cats"]},
-            cast_to=dict,
-        )
+        body = {"model": "minilm-cosine-rerank", "query": "cats", "documents": ["dogs", "cats"]}
+        ranked = httpx.post(f"{base}/v1/rerank", json=body, timeout=30).json()
         assert ranked["results"][0]["index"] == 1
         texts = ["served by the default model", "second"]
         for fmt in ("float", "base64"):
@@ -104,19 +101,13 @@ def test_up_serves_on_embedded_redis_and_stops_every_child(
             assert np.abs(got - reference_model.encode(texts)).max() < 1e-5
         assert (tmp_path / "data" / "redis" / "redis.conf").is_file()
         # The SQLite job store was migrated by `up`: async jobs work out of the box.
-        job = client.post(
-            "/jobs",
-            body={
-                "endpoint": "/v1/embeddings",
-                "body": {"model": "all-MiniLM-L6-v2", "input": "j"},
-            },
-            cast_to=dict,
-        )
+        submit = {"endpoint": "/v1/embeddings", "body": {"model": "all-MiniLM-L6-v2", "input": "j"}}
+        job = httpx.post(f"{base}/v1/jobs", json=submit, timeout=30).json()
         deadline = time.monotonic() + 60
         while job["status"] not in ("succeeded", "failed"):
             assert time.monotonic() < deadline, job
             time.sleep(0.2)
-            job = client.get(f"/jobs/{job['id']}", cast_to=dict)
+            job = httpx.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()
         assert job["status"] == "succeeded", job
         assert (tmp_path / "data" / "inferq.db").is_file()
     finally:

@@ -54,6 +54,17 @@ def _require_tools() -> None:
 
 @pytest.fixture
 def browser(tmp_path: Path, log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    yield from _chromium(tmp_path, log_dir, monkeypatch, ())
+
+
+#: Every request that is not to this host goes to a proxy that is not there: a page that
+#: needs the internet (a CDN's script) stays blank, as on a site without it.
+OFFLINE_ARGS = ("--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=127.0.0.1;localhost")
+
+
+def _chromium(
+    tmp_path: Path, log_dir: Path, monkeypatch: pytest.MonkeyPatch, extra: tuple[str, ...]
+) -> Iterator[Any]:
     _require_tools()
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
@@ -63,7 +74,7 @@ def browser(tmp_path: Path, log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> I
     monkeypatch.setenv("SE_AVOID_STATS", "true")
     options = Options()
     options.binary_location = str(CHROMIUM)
-    for arg in CHROMIUM_ARGS:
+    for arg in (*CHROMIUM_ARGS, *extra):
         options.add_argument(arg)
     options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
     service = Service(
@@ -309,3 +320,26 @@ def _drive_the_page(page: Page, cluster: Cluster, log_dir: Path) -> None:
     view = cluster.wait("no workers", lambda v: not workers_of(v, MODEL), timeout=60)
     assert MODEL not in [m["id"] for m in view["models"]]
     assert _held(view, "node-w") == {"0": None, "1": None}
+
+
+def test_the_api_docs_render_without_the_internet(
+    api: str, tmp_path: Path, log_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/docs and /redoc load their scripts from the API itself, not a CDN."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    for driver in _chromium(tmp_path, log_dir, monkeypatch, OFFLINE_ARGS):
+        driver.get(f"{api}/docs")
+        title = WebDriverWait(driver, 30).until(
+            expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, ".info .title"))
+        )
+        assert "inferq" in title.text
+        operations = driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
+        assert "/v1/embeddings" in {o.text.replace("\u200b", "").strip() for o in operations}
+        assert "cdn." not in driver.page_source
+        driver.get(f"{api}/redoc")
+        WebDriverWait(driver, 30).until(
+            expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".api-content"))
+        )

@@ -26,6 +26,7 @@ from app.errors import InvalidRequest
 from app.generation import GenerationRunner
 from app.jobs.store import JobStore
 from app.keys import KeySpace
+from app.model_facts import publish_facts
 from app.registry import ModelKind, ModelSpec, worker_model_spec
 from app.replicas import (
     LOAD_ERROR_TTL_S,
@@ -209,6 +210,7 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
         client.delete(keys.model_error(spec.name))  # loaded: no longer blame the model
     except redis.RedisError as exc:
         log.warning("could not clear the model's last load failure: %s", exc)
+    publish_facts(client, keys, spec, engine)
     info = ReplicaInfo(
         replica_id=uuid.uuid4().hex[:12],
         model=spec.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -94,11 +95,12 @@ async def _relay(
 async def _passthrough(
     services: Services,
     exchange: Exchange,
-    first: dict[str, Any],
+    first_reply: asyncio.Future[dict[str, Any]],
     rest: AsyncIterator[dict[str, Any]],
 ) -> AsyncIterator[bytes]:
     """Relay a server's own SSE events (a relay engine) as they were written."""
     try:
+        first = await first_reply
         if "sse" in first:
             yield first["sse"].encode()
         async for reply in rest:
@@ -109,6 +111,7 @@ async def _passthrough(
         yield _sse(exc.to_openai())
         yield b"data: [DONE]\n\n"
     finally:
+        first_reply.cancel()
         services.spawn(exchange.close())
 
 
@@ -122,24 +125,62 @@ async def _relayed_stream(
     this waits (queueing, a long prefill) cancels the request at once."""
     replies = exchange.replies()
     first_reply = asyncio.ensure_future(anext(replies))
+    started = time.monotonic()
     try:
         while not first_reply.done():
+            if time.monotonic() - started > services.settings.sse_keepalive_s:
+                # Long enough without a word: answer 200 now and keep the stream alive;
+                # a refusal from here on comes as an error event, as any later one does.
+                return _stream(services, _passthrough(services, exchange, first_reply, replies))
             await asyncio.wait({first_reply}, timeout=DISCONNECT_CHECK_S)
             if not first_reply.done() and await request.is_disconnected():
                 first_reply.cancel()
                 await exchange.close()
                 return Response(status_code=499)
-        first = first_reply.result()
+        first_reply.result()  # a refusal before the stream began: its own status
     except BaseException:
         first_reply.cancel()
         await exchange.close()
         raise
-    return _stream(_passthrough(services, exchange, first, replies))
+    return _stream(services, _passthrough(services, exchange, first_reply, replies))
 
 
-def _stream(events: AsyncIterator[bytes]) -> StreamingResponse:
+#: An SSE comment: clients skip it, proxies see bytes on an idle stream.
+KEEPALIVE = b": keep-alive\n\n"
+
+
+async def _with_keepalives(events: AsyncIterator[bytes], every: float) -> AsyncIterator[bytes]:
+    """`events`, with a comment whenever none came for `every` seconds: a streamed
+    reasoning answer can wait minutes for its first token (queue, prefill, thinking),
+    and proxies cut streams idle for less (nginx: 60 s)."""
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield KEEPALIVE
+                continue
+            finished, pending = pending, None
+            try:
+                event = finished.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _stream(services: Services, events: AsyncIterator[bytes]) -> StreamingResponse:
     return StreamingResponse(
-        events,
+        _with_keepalives(events, services.settings.sse_keepalive_s),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -147,11 +188,12 @@ def _stream(events: AsyncIterator[bytes]) -> StreamingResponse:
 
 @router.post("/v1/chat/completions", responses=STREAMED)
 async def chat_completions(
-    body: ChatCompletionRequest, services: ServicesDep, timeout: TimeoutDep, request: Request
+    body: ChatCompletionRequest, services: ServicesDep, asked: TimeoutDep, request: Request
 ) -> Any:
     call = await prepare_chat(body, services)
     spec = call.spec
     await services.admit(spec)
+    timeout = services.timeout_for(spec, asked)
     exchange = await services.dispatcher.start(
         spec, call.task, call.payload, timeout, streaming=body.stream
     )
@@ -192,16 +234,17 @@ async def chat_completions(
         return events
 
     head = chunk({"role": "assistant", "content": ""})
-    return _stream(_relay(services, exchange, head, piece, tail))
+    return _stream(services, _relay(services, exchange, head, piece, tail))
 
 
 @router.post("/v1/completions", responses=STREAMED)
 async def completions(
-    body: CompletionRequest, services: ServicesDep, timeout: TimeoutDep, request: Request
+    body: CompletionRequest, services: ServicesDep, asked: TimeoutDep, request: Request
 ) -> Any:
     call = await prepare_completion(body, services)
     spec = call.spec
     await services.admit(spec)
+    timeout = services.timeout_for(spec, asked)
     exchange = await services.dispatcher.start(
         spec, call.task, call.payload, timeout, streaming=body.stream
     )
@@ -231,4 +274,4 @@ async def completions(
             events.append({**event("", None), "choices": [], "usage": usage(result)})
         return events
 
-    return _stream(_relay(services, exchange, None, piece, tail))
+    return _stream(services, _relay(services, exchange, None, piece, tail))

@@ -12,9 +12,10 @@ router = APIRouter()
 
 @router.post("/v1/embeddings")
 async def create_embeddings(
-    body: EmbeddingRequest, services: ServicesDep, timeout: TimeoutDep
+    body: EmbeddingRequest, services: ServicesDep, asked: TimeoutDep
 ) -> JSONResponse:
     call = await prepare_embeddings(body, services)
+    timeout = services.timeout_for(call.spec, asked)
     admitted = await services.admit(call.spec, call.work, timeout)
     try:
         outcome = await services.dispatcher.call(call.spec, call.task, call.payload, timeout)

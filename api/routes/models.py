@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -10,12 +12,21 @@ from redis.exceptions import RedisError
 
 from api.auth import CallerInfo, require
 from api.cluster_reads import ClusterState, read_cluster
-from api.cluster_view import model_entry
-from api.launcher import ModelLauncher
+from api.cluster_view import model_entry, replica_view, worker_processes
+from api.launcher import ModelLauncher, xinference_extras
+from api.model_card import card
 from api.services import Services, get_services
-from app.errors import BackendUnavailable, ModelNotFound, backend_reason
+from app.errors import (
+    BackendUnavailable,
+    ModelNotFound,
+    ModelUnavailable,
+    RequestTimedOut,
+    backend_reason,
+)
 from app.keyring import Caller, Scope
 from app.protocol.launch import LaunchRequest
+from app.registry import ModelSpec
+from app.replicas import describe_load_error
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +63,20 @@ def _for(who: Caller, entry: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def _entry(
+    services: Services, who: Caller, spec: ModelSpec, state: ClusterState, detail: bool = False
+) -> dict[str, Any]:
+    entry = model_entry(spec, _source(services, spec.name), state, services.started_at, detail)
+    entry.update(card(spec, state.facts.get(spec.name), services.settings))
+    entry["replica"] = entry["replicas_wanted"]  # Xinference's name
+    return _for(who, entry)
+
+
 @router.get("/v1/models")
 async def list_models(services: ServicesDep, who: CallerInfo) -> dict[str, Any]:
     state = await _state(services)
     data = [
-        _for(who, model_entry(spec, _source(services, spec.name), state, services.started_at))
+        _entry(services, who, spec, state)
         for spec in (services.model(name) for name in services.model_names())
     ]
     return {"object": "list", "data": data}
@@ -67,30 +87,78 @@ async def get_model(model: str, services: ServicesDep, who: CallerInfo) -> dict[
     """The model's card; its replicas (hosts, devices) and registry entry (paths, options)
     only for admin keys: an inference key has no business with where models live."""
     state = await _state(services)
-    spec = services.model(model)
-    detail = who.may(Scope.admin)
-    return _for(
-        who, model_entry(spec, _source(services, model), state, services.started_at, detail)
-    )
+    return _entry(services, who, services.model(model), state, who.may(Scope.admin))
 
 
 ADMIN = [Depends(require(Scope.admin))]
 
 
+async def _until_ready(services: Services, uid: str, new: set[str], since: float) -> None:
+    """Xinference's launch answers once the model serves; so does this one, unless the
+    caller says `wait_ready=false`. A load failure of the model since the launch ends
+    the wait with its reason."""
+    deadline = time.monotonic() + services.settings.launch_ready_timeout_s
+    while True:
+        state = await _state(services)
+        processes = worker_processes(state)
+        views = [
+            replica_view(a, state, processes)
+            for a in state.assignments_of(uid)
+            if a.assignment_id in new
+        ]
+        if views and all(v["state"] == "ready" for v in views):
+            return
+        error = state.load_errors.get(uid)
+        if error and float(error.get("time") or 0) >= since:
+            raise ModelUnavailable(describe_load_error(uid, error), code="model_load_failed")
+        if any(v["state"] == "failed" for v in views):
+            raise ModelUnavailable(
+                f"model {uid!r}: a worker could not be started on its node (see the node's "
+                "events in GET /v1/cluster)",
+                code="model_load_failed",
+            )
+        if time.monotonic() > deadline:
+            listed = ", ".join(f"{v['replica_id']}: {v['state']}" for v in views)
+            raise RequestTimedOut(
+                f"model {uid!r} is not ready after {services.settings.launch_ready_timeout_s:g}s "
+                f"({listed}); it is still being launched: GET /v1/models/{uid} shows its "
+                "replicas",
+                code="launch_not_ready",
+            )
+        await asyncio.sleep(LAUNCH_POLL_S)
+
+
+#: How often a waiting launch looks at its replicas.
+LAUNCH_POLL_S = 0.5
+
+
 @router.post("/v1/models", dependencies=ADMIN)
-async def launch_model(body: LaunchRequest, services: ServicesDep) -> dict[str, Any]:
+async def launch_model(
+    body: LaunchRequest, services: ServicesDep, wait_ready: bool = True
+) -> dict[str, Any]:
     """Place `replica` replicas on nodes with free devices; the nodes start them.
 
-    Answers once the placement is recorded; `replicas[].state` turns `ready` when
-    each worker has loaded its model (`inferq launch --wait` polls for that).
+    Answers once the new replicas serve, as Xinference's launch does (at most
+    INFERQ_LAUNCH_READY_TIMEOUT_S), or at once with `?wait_ready=false`: then
+    `replicas[].state` turns `ready` when each worker has loaded its model
+    (`inferq launch --wait` polls for that). `warnings` lists the fields of
+    Xinference's launch request that were accepted but not used.
     """
+    warnings = xinference_extras(body)
+    for warning in warnings:
+        log.warning("launch of %s: %s", body.uid, warning)
+    since = time.time()
     launched = await _launcher(services).launch(body)
+    new = {a.assignment_id for a in launched}
+    if wait_ready and new:
+        await _until_ready(services, body.uid, new, since)
     state = await _state(services)
     spec = services.model(body.uid)
     entry = model_entry(spec, _source(services, spec.name), state, services.started_at, True)
-    new = {a.assignment_id for a in launched}
+    entry.update(card(spec, state.facts.get(spec.name), services.settings))
     entry["model_uid"] = spec.name
     entry["launched_replicas"] = [r for r in entry["replicas"] if r["replica_id"] in new]
+    entry["warnings"] = warnings
     return entry
 
 

@@ -1,3 +1,6 @@
+"""Rerank: `/v1/rerank` (Xinference, Jina, Cohere v1) and `/v2/rerank` (Cohere v2) take
+the same request and give the same answer, which each of those clients reads."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter
@@ -11,8 +14,10 @@ router = APIRouter()
 
 
 @router.post("/v1/rerank")
-async def rerank(body: RerankRequest, services: ServicesDep, timeout: TimeoutDep) -> JSONResponse:
+@router.post("/v2/rerank")
+async def rerank(body: RerankRequest, services: ServicesDep, asked: TimeoutDep) -> JSONResponse:
     call = await prepare_rerank(body, services)
+    timeout = services.timeout_for(call.spec, asked)
     admitted = await services.admit(call.spec, call.work, timeout)
     try:
         outcome = await services.dispatcher.call(call.spec, call.task, call.payload, timeout)

@@ -299,6 +299,18 @@ class VllmServer:
                 raise ServerFailed(f"the vLLM server was not healthy within {timeout:g}s")
             time.sleep(0.5)
 
+    def max_model_len(self) -> int | None:
+        """The context the server chose (vLLM's `/v1/models` reports it as `max_model_len`),
+        for a registry entry that does not declare it."""
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=5) as resp:
+                models = json.load(resp).get("data") or []
+        except (OSError, ValueError, urllib.error.URLError) as exc:
+            log.warning("could not read the vLLM server's model card: %s", exc)
+            return None
+        lengths = [m.get("max_model_len") for m in models if isinstance(m, dict)]
+        return next((int(n) for n in lengths if isinstance(n, int) and n > 0), None)
+
     def watch(self, on_exit: Callable[[str], None]) -> None:
         """Call `on_exit(reason)` from a thread if the server stops while it should serve."""
 
@@ -343,7 +355,7 @@ class VllmEngine(RelayEngine):
         self.server = server
         self.relay = relay
         self.parallel = max_num_seqs(spec.options)
-        self.context_length = int(spec.options.get("max_model_len", 0)) or None
+        self.context_length = int(spec.options.get("max_model_len", 0)) or server.max_model_len()
         self.reasoning = bool(spec.options.get("reasoning_parser"))
 
     @classmethod

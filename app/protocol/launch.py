@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from app.registry import ModelKind
 
@@ -45,7 +52,9 @@ N_GPU_SCHEMA = {
 
 
 class LaunchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Unknown fields are the engine keyword arguments xinference-client passes through
+    # (`launch_model(..., max_model_len=8192)`): they join model_options.
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     model_uid: str | None = Field(
         default=None,
@@ -71,6 +80,17 @@ class LaunchRequest(BaseModel):
     model_size_in_billions: int | str | None = None
     model_format: str | None = None
     quantization: str | None = None
+    # What xinference-client's launch_model sends besides; `xinference_extras` says
+    # which are honoured, ignored with a warning, or refused.
+    n_worker: int | None = Field(default=None, ge=1, le=256)
+    request_limits: int | None = Field(default=None, ge=1)
+    peft_model_config: dict[str, Any] | None = None
+    replica_config: list[dict[str, Any]] | None = None
+    enable_thinking: bool | None = None
+    enable_virtual_env: bool | None = None
+    virtual_env_packages: list[str] | None = None
+    virtual_env_find_links: list[str] | None = None
+    envs: dict[str, str] | None = None
 
     @field_validator("devices", "gpu_idx", mode="before")
     @classmethod
@@ -101,6 +121,15 @@ class LaunchRequest(BaseModel):
         if len(json.dumps(value, default=str)) > MAX_OPTIONS_BYTES:
             raise ValueError(f"model_options hold at most {MAX_OPTIONS_BYTES} bytes of JSON")
         return value
+
+    @model_validator(mode="after")
+    def _engine_kwargs(self) -> LaunchRequest:
+        extra = self.model_extra or {}
+        if extra:
+            self.model_options = {**extra, **self.model_options}
+            extra.clear()
+            type(self)._bounded_options(self.model_options)
+        return self
 
     @field_validator("n_gpu")
     @classmethod

@@ -1,4 +1,9 @@
-"""`/v1/rerank`: the shape xinference clients use, with the Cohere/Jina fields that map."""
+"""`/v1/rerank` and `/v2/rerank`: one request shape for Xinference, Jina and Cohere v1/v2.
+
+They differ only in optional fields: Jina and Cohere v1 take `{"text": ...}` objects
+as documents, Cohere v2 `max_tokens_per_doc`, xinference-client sends every
+field with null for unset ones.
+"""
 
 from __future__ import annotations
 
@@ -35,11 +40,14 @@ class RerankRequest(BaseModel):
     #: Strings, or Cohere-style objects with a `text` field.
     documents: Annotated[list[str], WithJsonSchema(DOCUMENTS_SCHEMA)]
     top_n: int | None = Field(default=None, gt=0, le=INT32_MAX)
-    return_documents: bool = False
-    return_len: bool = False
+    # Null as "not given": xinference-client sends every field, unset ones as null.
+    return_documents: bool | None = False
+    return_len: bool | None = False
     #: inferq: cut over-long (query, document) pairs to the model's limit, or refuse them.
     truncate: bool = True
-    max_chunks_per_doc: int | None = None  # accepted for compatibility; not used
+    # Accepted for compatibility and not used: documents are cut to the model's limit.
+    max_chunks_per_doc: int | None = None  # Xinference, Cohere v1
+    max_tokens_per_doc: int | None = None  # Cohere v2
 
     @field_validator("documents", mode="before")
     @classmethod
