@@ -75,6 +75,13 @@ def _load_error(record: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: record.get(k) for k in ("reason", "time", "host", "node")}
 
 
+def wanted_replicas(spec: ModelSpec, state: ClusterState) -> int:
+    """Launched replicas for a launched model, the registry's placements otherwise."""
+    if spec.name in state.deployments:
+        return len(state.assignments_of(spec.name))
+    return len(spec.replica_device_groups())
+
+
 def model_entry(
     spec: ModelSpec,
     source: str,
@@ -84,9 +91,7 @@ def model_entry(
 ) -> dict[str, Any]:
     assignments = state.assignments_of(spec.name)
     alive = len(state.replicas.get(spec.name, []))
-    wanted = (
-        len(assignments) if spec.name in state.deployments else len(spec.replica_device_groups())
-    )
+    wanted = wanted_replicas(spec, state)
     entry: dict[str, Any] = {
         "id": spec.name,
         "object": "model",

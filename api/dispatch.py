@@ -42,6 +42,7 @@ from app.errors import (
     backend_reason,
 )
 from app.keys import KeySpace
+from app.logs import REQUEST_ID
 from app.registry import ModelSpec
 from app.replicas import count_alive, describe_load_error, parse_load_error
 
@@ -288,6 +289,7 @@ class Dispatcher:
             "payload": exchange.payload,
             "deadline": time.time() + exchange.timeout,
             "attempt": exchange.attempt,
+            "trace": REQUEST_ID.get(),
         }
         expires = datetime.now(UTC) + timedelta(seconds=exchange.timeout + 1)
         try:

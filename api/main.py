@@ -16,12 +16,14 @@ from api.auth import require
 from api.bulk import BulkCoordinator
 from api.dispatch import Dispatcher, DispatchPolicy
 from api.errors import ERROR_RESPONSES, install_error_handlers
+from api.history import keep_sampling
 from api.job_sweeper import JobSweeper
 from api.jobs import JobQueue
 from api.launcher import ModelLauncher
 from api.metrics import install_metrics
 from api.redis_client import api_redis, fit_to_server
 from api.request_guard import RequestGuard
+from api.request_ids import RequestIds
 from api.results import ResultRouter
 from api.routes import (
     batches,
@@ -39,7 +41,7 @@ from api.routes import (
 )
 from api.routes.metrics import router as metrics_router
 from api.services import BulkServices, Services
-from app import __version__
+from app import __version__, logs
 from app.celery_app import create_celery
 from app.db import engine_for
 from app.jobs.bulk_store import BulkStore
@@ -81,6 +83,8 @@ async def _refresh_launched(services: Services) -> None:
 
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # At uvicorn's --log-level, which it has set on its own logger by now.
+    logs.configure(settings.log_format, logging.getLogger("uvicorn.error").level or logging.INFO)
     registry = registry or load_registry(settings.registry)
     keyring = KeyRing.load(settings.api_keys, settings.api_keys_file)
 
@@ -104,6 +108,13 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         services.admission.start()
         services.launcher = ModelLauncher(client, keys, registry, celery, settings)
         refresher = asyncio.create_task(_refresh_launched(services))
+        sampler = asyncio.create_task(
+            keep_sampling(
+                services.history,
+                lambda: cluster.history_sample(services),
+                settings.history_sample_s,
+            )
+        )
         sweepers: list[JobSweeper] = []
         coordinators: list[BulkCoordinator] = []
 
@@ -129,6 +140,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             yield
         finally:
             refresher.cancel()
+            sampler.cancel()
             await services.admission.stop()
             for sweeper in sweepers:
                 await sweeper.stop()
@@ -154,6 +166,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         upload_max_bytes=settings.max_upload_bytes,
     )
     install_metrics(app)
+    app.add_middleware(RequestIds)  # outermost: every line of the request carries its id
     app.include_router(health.router)
     app.include_router(ui.router)  # the cluster web page; its script sends the API key
     app.include_router(metrics_router)  # no API key, like /health (see its route)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 from api.admission import Admitted, QueueAdmission
 from api.dispatch import Dispatcher
+from api.history import ClusterHistory
 from api.jobs import JobQueue
 from api.results import ResultRouter
 from app.errors import BackendUnavailable, InvalidRequest, ModelNotFound, backend_reason
@@ -53,6 +54,7 @@ class Services:
     # Async jobs need the job database; the sync API does not, so it serves without
     # one and the job routes answer 503 with what to do until `open_jobs` succeeds.
     keyring: KeyRing = field(default_factory=lambda: KeyRing([]))
+    history: ClusterHistory = field(default_factory=ClusterHistory)
     launcher: ModelLauncher | None = None
     admission: QueueAdmission | None = None
     #: Models launched on nodes (POST /v1/models), refreshed from Redis every second.

@@ -213,6 +213,8 @@ def cmd_api(args: argparse.Namespace) -> int:
         str(settings.keep_alive_s),
         "--log-level",
         args.loglevel,
+        # The API logs each request itself, with its X-Request-Id (api/request_ids.py).
+        "--no-access-log",
     ]
     os.execv(sys.executable, argv)
     return 0  # not reached

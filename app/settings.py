@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".inferq")
     registry: Path | None = Field(default=None, description="YAML model registry file.")
 
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="`json`: one JSON object per log line (API and workers), for collectors.",
+    )
     api_host: str = "127.0.0.1"
     api_port: int = 9997
     # Where the client commands (`inferq launch`, `list`, `terminate`, `embed`) reach the
@@ -61,6 +65,12 @@ class Settings(BaseSettings):
     # Sync request path.
     request_timeout_s: float = Field(
         default=120.0, gt=0, description="A request's timeout, unless its model sets its own."
+    )
+    history_sample_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often the API samples each model for the console's charts (it "
+        "keeps 120 samples).",
     )
     sse_keepalive_s: float = Field(
         default=15.0,

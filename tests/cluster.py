@@ -78,6 +78,7 @@ def running_cluster(
         "INFERQ_NODE_HEARTBEAT_TTL_S": "3",
         "INFERQ_NODE_STOP_GRACE_S": "10",
         "INFERQ_MODEL_ROOTS": "/models",
+        "INFERQ_HISTORY_SAMPLE_S": "0.5",
     }
     db_upgrade(env)
     api, base = start_api(env, log_dir)

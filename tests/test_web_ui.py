@@ -195,6 +195,21 @@ class Page:
         WebDriverWait(self.driver, 10).until(expected_conditions.alert_is_present()).accept()
 
 
+#: The cells and charts whose right edge lies past their card's: what overflows it.
+SPILLS = """
+const out = [];
+for (const panel of document.querySelectorAll('.panel')) {
+  const edge = panel.getBoundingClientRect().right;
+  for (const el of panel.querySelectorAll('th, td, figure')) {
+    if (el.closest('.scroll')) continue;  // a scrolling table stays inside by design
+    const right = el.getBoundingClientRect().right;
+    if (right > edge + 0.5) out.push(`${panel.id}: ${el.textContent.trim().slice(0, 30)}`);
+  }
+}
+return out;
+"""
+
+
 def _held(view: dict[str, Any], node: str) -> dict[str, str | None]:
     (entry,) = [n for n in view["nodes"] if n["name"] == node]
     return {d["id"]: d["model"] for d in entry["devices"]}
@@ -273,6 +288,35 @@ def _drive_the_page(page: Page, cluster: Cluster, log_dir: Path) -> None:
         timeout=15,
     )
     assert all(w["tasks_done"] > 0 for w in ready_workers(view, MODEL)), done
+
+    # Charts of the last minutes: requests/s rose while the traffic ran.
+    def served_rate() -> bool:
+        samples = cluster.view()["history"]["models"].get(MODEL, [])
+        return any((s["requests_per_s"] or 0) > 0 for s in samples)
+
+    page.wait("a sample with the traffic", served_rate, timeout=20)
+    row = f'.chart-row[data-model="{MODEL}"] .chart'
+    metrics = page.wait("the model's charts", lambda: page.attrs(row, "data-metric"))
+    assert metrics == [
+        "queue_depth",
+        "requests_per_s",
+        "tokens_per_s",
+        "batch_size",
+        "padding_efficiency",
+        "replicas_alive",
+    ]
+    page.wait(
+        "lines drawn",
+        lambda: page.js(f"return document.querySelectorAll('{row} polyline.value').length") >= 5,
+    )
+    assert page.js(f"return document.querySelectorAll('{row} polyline.wanted').length") == 1
+
+    # Nothing spills over its card at desktop and laptop widths.
+    for width in (1400, 1366, 1280):
+        page.driver.set_window_size(width, 1000)
+        time.sleep(0.5)
+        spilled = page.js(SPILLS)
+        assert spilled == [], (width, spilled)
 
     # A screenshot of the whole page, read back by OCR.
     # The window is the viewport plus the browser's own frame: grow it to the page.

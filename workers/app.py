@@ -28,6 +28,7 @@ from typing import Any
 
 from celery import signals
 
+from app import logs
 from app.celery_app import create_celery
 from app.settings import get_settings
 from workers import runtime
@@ -48,6 +49,12 @@ class Consumer(ResilientConsumer):
 celery_app = create_celery(get_settings())
 celery_app.conf.include = ["workers.tasks"]
 celery_app.conf.worker_consumer = "workers.app:Consumer"
+
+
+@signals.after_setup_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    """Celery's handlers, with the request id on each line and INFERQ_LOG_FORMAT."""
+    logs.install(logger.handlers, get_settings().log_format)
 
 
 @signals.worker_init.connect

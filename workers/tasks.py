@@ -21,6 +21,7 @@ from app.errors import EngineFailure, InferqError, InvalidRequest
 from app.generation import StreamCoalescer
 from app.jobs.corpus import read_shard, write_shard
 from app.jobs.store import JobStore
+from app.logs import REQUEST_ID
 from app.protocol.chat import GenerationTask, RelayTask
 from app.protocol.embeddings import EmbeddingResult, EmbeddingTask
 from app.protocol.rerank import RerankResult, RerankTask
@@ -128,12 +129,29 @@ def run_guarded(rt: WorkerRuntime, model: str, work: Work, what: str) -> dict[st
         return {"ok": False, "error": EngineFailure(f"the engine failed: {exc}").to_wire()}
 
 
-def serve(request_id: str, model: str, deadline: float, work: Work, attempt: int = 0) -> None:
+def serve(
+    request_id: str,
+    model: str,
+    deadline: float,
+    work: Work,
+    attempt: int = 0,
+    trace: str | None = None,
+) -> None:
     """The part every sync inference task shares: deadline, acceptance, errors, reply.
 
     `attempt` rises when the API lost its result channel and asks again: the reply
-    of an earlier attempt may have gone out unheard, so it does not count as one."""
+    of an earlier attempt may have gone out unheard, so it does not count as one.
+    `trace` is the request's X-Request-Id: every line logged while serving it has it."""
+    token = REQUEST_ID.set(trace or request_id)
+    try:
+        _serve(request_id, model, deadline, work, attempt)
+    finally:
+        REQUEST_ID.reset(token)
+
+
+def _serve(request_id: str, model: str, deadline: float, work: Work, attempt: int) -> None:
     rt = get_runtime()
+    started = time.monotonic()
     rt.hold_if_server_down()
     if time.time() > deadline:
         rt.count("expired")  # the caller has already had its 504: do not spend the engine
@@ -149,27 +167,46 @@ def serve(request_id: str, model: str, deadline: float, work: Work, attempt: int
     message = run_guarded(rt, model, work, f"request {request_id}")
     rt.publish_final(request_id, message, attempt)
     rt.count("answered" if message["ok"] else "failed")
+    outcome = "answered" if message["ok"] else f"failed ({message['error'].get('code')})"
+    log.info("%s %s in %.1f ms", model, outcome, (time.monotonic() - started) * 1000)
 
 
 @celery_app.task(
     name=EMBEDDINGS_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True
 )
 def embeddings(
-    request_id: str, model: str, payload: dict[str, Any], deadline: float, attempt: int = 0
+    request_id: str,
+    model: str,
+    payload: dict[str, Any],
+    deadline: float,
+    attempt: int = 0,
+    trace: str | None = None,
 ) -> None:
-    serve(request_id, model, deadline, embeddings_work(payload, deadline, INTERACTIVE), attempt)
+    serve(
+        request_id, model, deadline, embeddings_work(payload, deadline, INTERACTIVE), attempt, trace
+    )
 
 
 @celery_app.task(name=RERANK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def rerank(
-    request_id: str, model: str, payload: dict[str, Any], deadline: float, attempt: int = 0
+    request_id: str,
+    model: str,
+    payload: dict[str, Any],
+    deadline: float,
+    attempt: int = 0,
+    trace: str | None = None,
 ) -> None:
-    serve(request_id, model, deadline, rerank_work(payload, deadline, INTERACTIVE), attempt)
+    serve(request_id, model, deadline, rerank_work(payload, deadline, INTERACTIVE), attempt, trace)
 
 
 @celery_app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def generate(
-    request_id: str, model: str, payload: dict[str, Any], deadline: float, attempt: int = 0
+    request_id: str,
+    model: str,
+    payload: dict[str, Any],
+    deadline: float,
+    attempt: int = 0,
+    trace: str | None = None,
 ) -> None:
     upstream_id = f"{request_id}-{attempt}" if attempt else request_id
     serve(
@@ -178,6 +215,7 @@ def generate(
         deadline,
         generate_work(request_id, payload, deadline, upstream_id),
         attempt,
+        trace,
     )
 
 

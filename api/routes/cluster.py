@@ -10,8 +10,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from redis.exceptions import RedisError
 
-from api.cluster_reads import queue_depths, read_cluster
-from api.cluster_view import cluster_view
+from api.cluster_reads import ClusterState, queue_depths, read_cluster
+from api.cluster_view import cluster_view, wanted_replicas
 from api.services import Services, get_services
 from app.errors import BackendUnavailable, backend_reason
 
@@ -21,6 +21,18 @@ router = APIRouter()
 
 #: Recent events shown per node.
 EVENTS_SHOWN = 20
+
+
+async def history_sample(
+    services: Services,
+) -> tuple[ClusterState, dict[str, tuple[int, int]], dict[str, int]]:
+    """What one history sample needs: the same reads as the view, without events or jobs."""
+    await services.refresh_launched()
+    names = services.model_names()
+    state = await read_cluster(services.redis, services.keys, names)
+    depths = await queue_depths(services.redis, services.keys, names)
+    wanted = {n: wanted_replicas(services.model(n), state) for n in names}
+    return state, depths, wanted
 
 
 @router.get("/v1/cluster")
@@ -52,7 +64,7 @@ async def cluster(services: Annotated[Services, Depends(get_services)]) -> dict[
     models = [
         (services.model(n), "registry" if services.registry.get(n) else "launched") for n in names
     ]
-    return cluster_view(
+    view = cluster_view(
         state,
         models,
         depths,
@@ -62,3 +74,7 @@ async def cluster(services: Annotated[Services, Depends(get_services)]) -> dict[
         services.started_at,
         services.settings.heartbeat_ttl_s,
     )
+    # The last minutes per model (api/history.py), for the console's charts.
+    every = services.settings.history_sample_s
+    view["history"] = {"sample_s": every, "models": services.history.series()}
+    return view

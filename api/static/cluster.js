@@ -303,6 +303,66 @@
     return `<div class="jobs">${chips}</div>`;
   }
 
+  // -- charts: the API's samples of the last minutes (view.history) -----------------
+  const CHARTS = [
+    { metric: "queue_depth", label: "Queue depth", digits: 0 },
+    { metric: "requests_per_s", label: "Requests/s", digits: 1 },
+    { metric: "tokens_per_s", label: "Tokens/s", digits: 0 },
+    { metric: "batch_size", label: "Batch size", digits: 1 },
+    { metric: "padding_efficiency", label: "Padding efficiency", digits: 2, max: 1 },
+    { metric: "replicas_alive", label: "Replicas alive / wanted", digits: 0, against: "replicas_wanted" },
+  ];
+  const CHART_W = 160;
+  const CHART_H = 40;
+
+  function line(samples, metric, top, cls) {
+    const n = samples.length;
+    const points = [];
+    samples.forEach((s, i) => {
+      const v = s[metric];
+      if (v === null || v === undefined) return;
+      const x = n > 1 ? (i / (n - 1)) * CHART_W : CHART_W;
+      const y = CHART_H - 2 - (top > 0 ? (v / top) * (CHART_H - 4) : 0);
+      points.push(`${x.toFixed(1)},${y.toFixed(1)}`);
+    });
+    return points.length ? `<polyline class="${cls}" points="${points.join(" ")}"/>` : "";
+  }
+
+  function chart(samples, spec) {
+    const values = samples.map((s) => s[spec.metric]).filter((v) => v !== null && v !== undefined);
+    const wanted = spec.against ? samples.map((s) => s[spec.against]) : [];
+    const top = spec.max ?? Math.max(1e-9, ...values, ...wanted);
+    const last = values.length ? values[values.length - 1] : null;
+    const shown = last === null ? "—" : last.toFixed(spec.digits);
+    const goal = spec.against && samples.length ? ` / ${samples[samples.length - 1][spec.against]}` : "";
+    return (
+      `<figure class="chart" data-metric="${spec.metric}" data-points="${values.length}">` +
+      `<figcaption>${esc(spec.label)} <b>${esc(shown + goal)}</b></figcaption>` +
+      `<svg viewBox="0 0 ${CHART_W} ${CHART_H}" preserveAspectRatio="none" role="img" ` +
+      `aria-label="${esc(spec.label)}">` +
+      (spec.against ? line(samples, spec.against, top, "wanted") : "") +
+      line(samples, spec.metric, top, "value") +
+      "</svg></figure>"
+    );
+  }
+
+  function renderCharts(view) {
+    const history = (view.history && view.history.models) || {};
+    const models = shownModels(view).filter((m) => (history[m.id] || []).length);
+    if (!models.length) return '<p class="empty">No samples yet (one every few seconds).</p>';
+    const minutes = Math.round(((view.history.sample_s || 5) * 120) / 60);
+    return (
+      `<p class="hint">Per model, the last ${minutes} minutes; newest on the right.</p>` +
+      models
+        .map(
+          (m) =>
+            `<div class="chart-row" data-model="${esc(m.id)}"><div class="chart-model">${esc(m.id)}</div>` +
+            `<div class="charts">${CHARTS.map((c) => chart(history[m.id], c)).join("")}</div></div>`,
+        )
+        .join("")
+    );
+  }
+
   function render(view) {
     setHtml("nodes", renderNodes(view));
     setHtml("events", renderEvents(view));
@@ -310,6 +370,7 @@
     setHtml("workers", renderWorkers(view));
     setHtml("queues", renderQueues(view));
     setHtml("jobs", renderJobs(view));
+    setHtml("charts", renderCharts(view));
   }
 
   // -- polling -----------------------------------------------------------------------
@@ -365,7 +426,8 @@
     button.disabled = true;
     showMessage(`Launching ${body.model_uid || body.model_name}…`, "info");
     try {
-      const answer = await api("POST", "/v1/models", body);
+      // At once: the page shows the replicas coming up (the API would wait for them).
+      const answer = await api("POST", "/v1/models?wait_ready=false", body);
       const placed = (answer.launched_replicas || [])
         .map((r) => `${r.replica_id} on ${r.node} [${devices(r.devices)}]`)
         .join("; ");
