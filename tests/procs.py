@@ -97,16 +97,23 @@ def wait_http(url: str, proc: Proc, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
-def run_inferq(env: dict[str, str], *args: str) -> str:
-    """Run one `inferq` command to its end, as an operator would; its output."""
-    done = subprocess.run(
+def inferq_command(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run one `inferq` command to its end, as an operator would."""
+    return subprocess.run(
         [sys.executable, "-m", "app", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
+
+
+def run_inferq(env: dict[str, str], *args: str) -> str:
+    """An `inferq` command that must succeed; its output."""
+    done = inferq_command(env, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -6,28 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
 from app import __version__
 from app.cli import build_parser
 from app.embedded_redis import free_port
-from tests.procs import ROOT, subprocess_env
-
-
-def _inferq(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from tests.procs import inferq_command, subprocess_env
 
 
 def test_version_and_help_on_every_flag() -> None:
-    done = _inferq(subprocess_env({}), "--version")
+    done = inferq_command(subprocess_env({}), "--version")
     assert done.returncode == 0 and done.stdout.strip() == f"inferq {__version__}"
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -45,7 +32,7 @@ def test_an_unreachable_api_is_one_line_and_exit_1() -> None:
         (subprocess_env({}), ("list", "--api", f"http://127.0.0.1:{port}")),
         (subprocess_env({"INFERQ_API_URL": f"http://127.0.0.1:{port}"}), ("terminate", "m")),
     ):
-        done = _inferq(env, *args)
+        done = inferq_command(env, *args)
         assert done.returncode == 1, done
         assert "Traceback" not in done.stderr
         (line,) = done.stderr.strip().splitlines()
@@ -53,13 +40,13 @@ def test_an_unreachable_api_is_one_line_and_exit_1() -> None:
 
 
 def test_a_wrong_setting_is_named() -> None:
-    done = _inferq(subprocess_env({"INFERQ_API_PORT": "ninety"}), "list")
+    done = inferq_command(subprocess_env({"INFERQ_API_PORT": "ninety"}), "list")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("inferq: invalid setting INFERQ_API_PORT:"), done.stderr
 
 
 def test_list_as_json_from_the_api_url(api: str) -> None:
-    done = _inferq(subprocess_env({"INFERQ_API_URL": api}), "list", "--json")
+    done = inferq_command(subprocess_env({"INFERQ_API_URL": api}), "list", "--json")
     assert done.returncode == 0, done.stderr
     models = {m["id"]: m for m in json.loads(done.stdout)}
     assert models["minilm"]["kind"] == "embedding"

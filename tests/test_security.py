@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.procs import ROOT, Proc, db_upgrade, start_api
+from tests.procs import Proc, db_upgrade, inferq_command, start_api
 
 INFERENCE_KEY = "sk-inference-" + "a" * 24
 JOBS_KEY = "sk-jobs-" + "b" * 24
@@ -121,34 +119,23 @@ def test_keys_never_reach_the_logs(secured: tuple[str, Proc]) -> None:
         assert key not in logged
 
 
-def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "app", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def test_an_open_api_on_a_network_address_is_refused(
     inferq_env: dict[str, str], tmp_path: Path
 ) -> None:
     env = {**inferq_env, "INFERQ_API_KEYS": ""}
     for command in (["api", "--host", "0.0.0.0"], ["up", "--host", "0.0.0.0"]):
-        done = run_cli(env, *command)
+        done = inferq_command(env, *command)
         assert done.returncode == 2, done.stderr
         assert "without API keys" in done.stderr and "INFERQ_ALLOW_UNAUTHENTICATED" in done.stderr
     bad = tmp_path / "keys.yaml"
     secret = "sk-this-must-not-be-echoed-0000"
     bad.write_text(f"keys:\n  - name: x\n    key: {secret}\n    scopes: [everything]\n")
-    done = run_cli({**env, "INFERQ_API_KEYS_FILE": str(bad)}, "api", "--host", "127.0.0.1")
+    done = inferq_command({**env, "INFERQ_API_KEYS_FILE": str(bad)}, "api", "--host", "127.0.0.1")
     assert done.returncode == 2 and "keys.0.scopes.0" in done.stderr
     assert secret not in done.stderr
     # Not YAML at all, on the key's own line: PyYAML would quote that line.
     bad.write_text(f"keys:\n  - name: x\n    key: {secret}: [\n")
-    done = run_cli({**env, "INFERQ_API_KEYS_FILE": str(bad)}, "api", "--host", "127.0.0.1")
+    done = inferq_command({**env, "INFERQ_API_KEYS_FILE": str(bad)}, "api", "--host", "127.0.0.1")
     assert done.returncode == 2 and "not valid YAML at line 3" in done.stderr, done.stderr
     assert secret not in done.stderr
 
