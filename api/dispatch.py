@@ -42,7 +42,7 @@ from app.errors import (
     backend_reason,
 )
 from app.keys import KeySpace
-from app.logs import REQUEST_ID
+from app.logs import REQUEST_ID, TRACE_HEADER
 from app.registry import ModelSpec
 from app.replicas import count_alive, describe_load_error, parse_load_error
 
@@ -289,7 +289,6 @@ class Dispatcher:
             "payload": exchange.payload,
             "deadline": time.time() + exchange.timeout,
             "attempt": exchange.attempt,
-            "trace": REQUEST_ID.get(),
         }
         expires = datetime.now(UTC) + timedelta(seconds=exchange.timeout + 1)
         try:
@@ -302,6 +301,9 @@ class Dispatcher:
                 exchange="",
                 routing_key=exchange.spec.queue,
                 expires=expires,
+                # A message header, not a task argument: workers of an older release
+                # ignore it instead of refusing the task.
+                headers={TRACE_HEADER: REQUEST_ID.get()},
             )
         except (OperationalError, RedisError, OSError) as exc:
             log.warning("could not queue a request: %s", exc)

@@ -117,4 +117,6 @@ async def keep_sampling(
             history.record(time.time(), state, depths, wanted)
         except (RedisError, OSError) as exc:
             log.debug("no history sample: %s", exc)
+        except Exception:  # a model terminated mid-read, say: the next sample is whole
+            log.exception("no history sample")
         await asyncio.sleep(every)

@@ -44,10 +44,12 @@ class RequestIds:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            # The path as sent (percent-encoded): a decoded one could forge log lines.
+            raw = scope.get("raw_path") or scope["path"].encode()
             log.info(
                 "%s %s %s %.1f ms",
                 scope["method"],
-                scope["path"],
+                raw.decode("latin-1").encode("unicode_escape").decode(),
                 status,
                 (time.monotonic() - started) * 1000,
             )

@@ -14,6 +14,8 @@ import uuid
 from contextvars import ContextVar
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("inferq_request_id", default=None)
+#: The task message header that carries it from the API to the worker.
+TRACE_HEADER = "inferq_trace"
 
 #: What a caller's `X-Request-Id` may be: a token that cannot forge log lines.
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -24,7 +26,7 @@ JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(process)d %(threadName)s %(m
 
 def request_id_from(header: str | None) -> str:
     """The caller's id if it is a plain token, else a fresh one."""
-    if header and REQUEST_ID_PATTERN.match(header):
+    if header and REQUEST_ID_PATTERN.fullmatch(header):
         return header
     return uuid.uuid4().hex
 

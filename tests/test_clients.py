@@ -134,6 +134,11 @@ def test_xinference_client_launches_and_terminates_a_model(
         with pytest.raises(RuntimeError, match="envs chooses the worker's environment"):
             client.launch_model(model_name="minilm", model_uid="xinf-env", envs={"A": "1"})
 
+        # A model whose engine cannot load ends the wait with the worker's reason.
+        with pytest.raises(RuntimeError, match=r"failed to load.*the replicas stay placed"):
+            client.launch_model(model_name="broken-model", model_type="embedding")
+        client.terminate_model("broken-model")
+
         client.terminate_model(uid)
         assert uid not in client.list_models()
 

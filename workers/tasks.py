@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from celery import current_task
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.batcher import BULK, INTERACTIVE
@@ -21,7 +22,7 @@ from app.errors import EngineFailure, InferqError, InvalidRequest
 from app.generation import StreamCoalescer
 from app.jobs.corpus import read_shard, write_shard
 from app.jobs.store import JobStore
-from app.logs import REQUEST_ID
+from app.logs import REQUEST_ID, TRACE_HEADER
 from app.protocol.chat import GenerationTask, RelayTask
 from app.protocol.embeddings import EmbeddingResult, EmbeddingTask
 from app.protocol.rerank import RerankResult, RerankTask
@@ -135,13 +136,14 @@ def serve(
     deadline: float,
     work: Work,
     attempt: int = 0,
-    trace: str | None = None,
 ) -> None:
     """The part every sync inference task shares: deadline, acceptance, errors, reply.
 
     `attempt` rises when the API lost its result channel and asks again: the reply
     of an earlier attempt may have gone out unheard, so it does not count as one.
-    `trace` is the request's X-Request-Id: every line logged while serving it has it."""
+    The message's trace header is the request's X-Request-Id: every line logged while
+    serving it has it."""
+    trace = getattr(current_task.request, TRACE_HEADER, None) if current_task else None
     token = REQUEST_ID.set(trace or request_id)
     try:
         _serve(request_id, model, deadline, work, attempt)
@@ -180,11 +182,8 @@ def embeddings(
     payload: dict[str, Any],
     deadline: float,
     attempt: int = 0,
-    trace: str | None = None,
 ) -> None:
-    serve(
-        request_id, model, deadline, embeddings_work(payload, deadline, INTERACTIVE), attempt, trace
-    )
+    serve(request_id, model, deadline, embeddings_work(payload, deadline, INTERACTIVE), attempt)
 
 
 @celery_app.task(name=RERANK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -194,9 +193,8 @@ def rerank(
     payload: dict[str, Any],
     deadline: float,
     attempt: int = 0,
-    trace: str | None = None,
 ) -> None:
-    serve(request_id, model, deadline, rerank_work(payload, deadline, INTERACTIVE), attempt, trace)
+    serve(request_id, model, deadline, rerank_work(payload, deadline, INTERACTIVE), attempt)
 
 
 @celery_app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -206,7 +204,6 @@ def generate(
     payload: dict[str, Any],
     deadline: float,
     attempt: int = 0,
-    trace: str | None = None,
 ) -> None:
     upstream_id = f"{request_id}-{attempt}" if attempt else request_id
     serve(
@@ -215,7 +212,6 @@ def generate(
         deadline,
         generate_work(request_id, payload, deadline, upstream_id),
         attempt,
-        trace,
     )
 
 

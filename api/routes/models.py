@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from redis.exceptions import RedisError
 
 from api.auth import CallerInfo, require
@@ -93,30 +93,68 @@ async def get_model(model: str, services: ServicesDep, who: CallerInfo) -> dict[
 ADMIN = [Depends(require(Scope.admin))]
 
 
-async def _until_ready(services: Services, uid: str, new: set[str], since: float) -> None:
-    """Xinference's launch answers once the model serves; so does this one, unless the
-    caller says `wait_ready=false`. A load failure of the model since the launch ends
-    the wait with its reason."""
-    deadline = time.monotonic() + services.settings.launch_ready_timeout_s
-    while True:
-        state = await _state(services)
-        processes = worker_processes(state)
-        views = [
-            replica_view(a, state, processes)
-            for a in state.assignments_of(uid)
-            if a.assignment_id in new
-        ]
-        if views and all(v["state"] == "ready" for v in views):
-            return
-        error = state.load_errors.get(uid)
-        if error and float(error.get("time") or 0) >= since:
-            raise ModelUnavailable(describe_load_error(uid, error), code="model_load_failed")
-        if any(v["state"] == "failed" for v in views):
-            raise ModelUnavailable(
-                f"model {uid!r}: a worker could not be started on its node (see the node's "
-                "events in GET /v1/cluster)",
-                code="model_load_failed",
+#: A worker that exited this often while loading is not coming up by itself.
+LAUNCH_MAX_RESTARTS = 3
+
+
+def _launch_failure(uid: str, views: list[dict[str, Any]]) -> str | None:
+    """Why the new replicas will not come up by themselves, if that is clear already."""
+    if not views:
+        return f"model {uid!r} was terminated while it was being launched"
+    for view in views:
+        where = f"replica {view['replica_id']} on node {view['node']}"
+        if view["state"] == "failed":
+            return f"{where}: its worker could not be started (see the node's events)"
+        if view["state"] == "node_down":
+            return f"{where}: the node went down"
+        if view["state"] != "ready" and view["restarts"] >= LAUNCH_MAX_RESTARTS:
+            return (
+                f"{where}: its worker exited {view['restarts']} times while loading "
+                f"(last exit code {view['last_exit_code']})"
             )
+    return None
+
+
+async def _until_ready(
+    services: Services,
+    request: Request,
+    uid: str,
+    new: set[str],
+    known_error: dict[str, Any] | None,
+) -> None:
+    """Xinference's launch answers once the model serves; so does this one, unless the
+    caller says `wait_ready=false`. A load failure recorded since the launch, or
+    replicas that cannot come up, end the wait with the reason (the replicas stay
+    placed: terminate them, or fix the node). A caller who leaves ends it too."""
+    deadline = time.monotonic() + services.settings.launch_ready_timeout_s
+    views: list[dict[str, Any]] = []
+    while True:
+        if await request.is_disconnected():
+            return
+        try:
+            state = await _state(services)
+        except BackendUnavailable:
+            state = None  # a moment without Redis: look again
+        if state is not None:
+            processes = worker_processes(state)
+            views = [
+                replica_view(a, state, processes)
+                for a in state.assignments_of(uid)
+                if a.assignment_id in new
+            ]
+            if views and all(v["state"] == "ready" for v in views):
+                return
+            error = state.load_errors.get(uid)
+            if error and error != known_error:
+                message = describe_load_error(uid, error)
+                raise ModelUnavailable(
+                    f"{message}; the replicas stay placed", code="model_load_failed"
+                )
+            failure = _launch_failure(uid, views)
+            if failure:
+                raise ModelUnavailable(
+                    f"{failure}; the replicas stay placed", code="model_load_failed"
+                )
         if time.monotonic() > deadline:
             listed = ", ".join(f"{v['replica_id']}: {v['state']}" for v in views)
             raise RequestTimedOut(
@@ -134,7 +172,7 @@ LAUNCH_POLL_S = 0.5
 
 @router.post("/v1/models", dependencies=ADMIN)
 async def launch_model(
-    body: LaunchRequest, services: ServicesDep, wait_ready: bool = True
+    body: LaunchRequest, services: ServicesDep, request: Request, wait_ready: bool = True
 ) -> dict[str, Any]:
     """Place `replica` replicas on nodes with free devices; the nodes start them.
 
@@ -147,11 +185,11 @@ async def launch_model(
     warnings = xinference_extras(body)
     for warning in warnings:
         log.warning("launch of %s: %s", body.uid, warning)
-    since = time.time()
+    known_error = (await _state(services)).load_errors.get(body.uid) if wait_ready else None
     launched = await _launcher(services).launch(body)
     new = {a.assignment_id for a in launched}
     if wait_ready and new:
-        await _until_ready(services, body.uid, new, since)
+        await _until_ready(services, request, body.uid, new, known_error)
     state = await _state(services)
     spec = services.model(body.uid)
     entry = model_entry(spec, _source(services, spec.name), state, services.started_at, True)

@@ -126,7 +126,8 @@ class LaunchRequest(BaseModel):
     def _engine_kwargs(self) -> LaunchRequest:
         extra = self.model_extra or {}
         if extra:
-            self.model_options = {**extra, **self.model_options}
+            given = {k: v for k, v in extra.items() if v is not None}  # null: not given
+            self.model_options = {**given, **self.model_options}
             extra.clear()
             type(self)._bounded_options(self.model_options)
         return self
