@@ -17,11 +17,10 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
-from api.cluster_reads import ClusterState
 from app import worker_stats as ws
 
 log = logging.getLogger(__name__)
@@ -33,6 +32,13 @@ KEEP = 120
 #: The counters whose growth the charts show, per replica.
 COUNTED = ("answered", "failed", ws.GENERATED_TOKENS, ws.REAL_TOKENS, ws.COMPUTED_TOKENS)
 BATCHING = (ws.BATCHES, ws.BATCHED_ITEMS)
+
+
+class Replicas(Protocol):
+    """What a sample reads of the cluster state (api.cluster_reads.ClusterState), named
+    by shape: that module's imports reach api.services, which holds this history."""
+
+    replicas: dict[str, list[dict[str, Any]]]
 
 
 @dataclass
@@ -54,7 +60,7 @@ class ClusterHistory:
     def record(
         self,
         now: float,
-        state: ClusterState,
+        state: Replicas,
         depths: dict[str, tuple[int, int]],
         wanted: dict[str, int],
     ) -> None:
@@ -107,7 +113,7 @@ class ClusterHistory:
 
 async def keep_sampling(
     history: ClusterHistory,
-    read: Callable[[], Awaitable[tuple[ClusterState, dict[str, tuple[int, int]], dict[str, int]]]],
+    read: Callable[[], Awaitable[tuple[Replicas, dict[str, tuple[int, int]], dict[str, int]]]],
     every: float = SAMPLE_S,
 ) -> None:
     """Sample until cancelled; a sample Redis cannot give is skipped, not fatal."""
