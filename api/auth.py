@@ -14,13 +14,13 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from api.services import Services, get_services
+from api.services import Services, services_of
 from app.errors import PermissionDenied
 from app.keyring import Caller, Scope, identify
 
 
-def authenticate(
-    services: Annotated[Services, Depends(get_services)],
+async def authenticate(
+    services: Annotated[Services, Depends(services_of)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Caller:
     return identify(services.keyring, authorization)
@@ -43,7 +43,7 @@ def require(scope: Scope) -> Callable[..., Awaitable[Caller]]:
     return check
 
 
-def caller(who: CallerInfo) -> str:
+async def caller(who: CallerInfo) -> str:
     """The owner of the jobs and files a call creates or may see."""
     return who.fingerprint
 

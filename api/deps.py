@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header
 
-from api.services import Services, get_services
+from api.services import Services, services_of
 from app.errors import InvalidRequest
 
 TIMEOUT_HEADER = "X-Inferq-Timeout"
@@ -18,7 +18,7 @@ REPLICA_HEADER = "X-Inferq-Replica"
 TIMEOUT_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,12})?$"
 
 
-def request_timeout(
+async def request_timeout(
     x_inferq_timeout: Annotated[
         str | None,
         Header(
@@ -40,5 +40,5 @@ def request_timeout(
     return value
 
 
-ServicesDep = Annotated[Services, Depends(get_services)]
+ServicesDep = Annotated[Services, Depends(services_of)]
 TimeoutDep = Annotated[float | None, Depends(request_timeout)]

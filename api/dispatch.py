@@ -25,15 +25,17 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
 from celery import Celery
-from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
+from api.coalesce import Coalescer
+from api.publisher import TaskPublisher
 from api.results import ResultRouter
+from app.celery_app import BATCHED_TASK, EMBEDDINGS_TASK, RERANK_TASK
 from app.errors import (
     BackendUnavailable,
     InferqError,
@@ -53,12 +55,23 @@ log = logging.getLogger(__name__)
 LOST_WAIT_S = 1.0
 
 
+#: Tasks whose requests may share a queue message (api/coalesce.py).
+BATCHED_TASKS = frozenset({EMBEDDINGS_TASK, RERANK_TASK})
+#: Inputs one message gathers when the model's registry entry names no batch size.
+DEFAULT_BATCH_SIZE = 32
+
+
 @dataclass(frozen=True)
 class DispatchPolicy:
     check_interval: float = 1.0
     resend_after: float = 3.0
     max_resends: int = 3
     cancel_ttl_s: int = 3600
+    #: Longest a request waits for others to share its message (0: never waits).
+    coalesce_ms: float = 2.0
+    #: The batcher's own wait, which a model's `max_wait_ms` option overrides; the
+    #: coalescing window never exceeds it.
+    batch_wait_ms: float = 5.0
 
 
 @dataclass
@@ -86,6 +99,8 @@ class Exchange:
     timeout: float
     inbox: asyncio.Queue[dict[str, Any]]
     streaming: bool
+    #: Inputs the engine will run: what a coalesced message is sized by.
+    work: int = 1
     resends: int = 0
     #: Rises each time the result channel dropped while this request waited: the
     #: worker then runs it again even if it answered (to nobody) before.
@@ -180,7 +195,8 @@ class Exchange:
 
     async def close(self) -> None:
         """Forget the inbox; tell the worker to stop if the request did not finish."""
-        self.dispatcher.router.close_inbox(self.request_id)
+        if self.dispatcher.router.close_inbox(self.request_id):
+            self.dispatcher.ended(self.spec.name)
         if not self.finished:
             await self.dispatcher.cancel(self.request_id)
 
@@ -200,6 +216,29 @@ class Dispatcher:
         self._keys = keys
         self.policy = policy
         self._alive_cache: dict[str, tuple[float, int]] = {}
+        self._publisher = TaskPublisher(celery, client, keys)
+        self._coalescer = Coalescer(self._send_batched, self._window_s, self._capacity, self._busy)
+        #: Requests of each model this process has queued and not yet closed.
+        self._open: dict[str, int] = {}
+
+    def _window_s(self, spec: ModelSpec) -> float:
+        batch_wait = float(spec.options.get("max_wait_ms", self.policy.batch_wait_ms))
+        return max(0.0, min(self.policy.coalesce_ms, batch_wait)) / 1000.0
+
+    @staticmethod
+    def _capacity(spec: ModelSpec) -> int:
+        return max(1, int(spec.options.get("batch_size", DEFAULT_BATCH_SIZE)))
+
+    def _busy(self, model: str) -> bool:
+        """Others in flight besides the request asking: company is likely soon."""
+        return self._open.get(model, 0) > 1
+
+    def ended(self, model: str) -> None:
+        left = self._open.get(model, 0) - 1
+        if left > 0:
+            self._open[model] = left
+        else:
+            self._open.pop(model, None)
 
     async def alive(self, model: str, max_age: float = 0.0) -> int:
         """Live replicas of `model`; with `max_age`, a count that recent may be reused."""
@@ -251,6 +290,7 @@ class Dispatcher:
         payload: dict[str, Any],
         timeout: float,
         streaming: bool = False,
+        work: int = 1,
     ) -> Exchange:
         """Check a replica lives, open the reply inbox and queue the task."""
         # A dropped connection is back within a fraction of a second; an outage is not.
@@ -264,50 +304,79 @@ class Dispatcher:
             )
         request_id = self.router.new_request_id()
         inbox = self.router.open_inbox(request_id)
-        exchange = Exchange(self, spec, task, payload, request_id, timeout, inbox, streaming)
+        self._open[spec.name] = self._open.get(spec.name, 0) + 1
+        exchange = Exchange(
+            self, spec, task, payload, request_id, timeout, inbox, streaming, max(1, work)
+        )
         try:
             await self.send(exchange)
         except BaseException:
-            self.router.close_inbox(request_id)
+            if self.router.close_inbox(request_id):
+                self.ended(spec.name)
             raise
         return exchange
 
     async def call(
-        self, spec: ModelSpec, task: str, payload: dict[str, Any], timeout: float
+        self, spec: ModelSpec, task: str, payload: dict[str, Any], timeout: float, work: int = 1
     ) -> Outcome:
         """Run `task` on a replica of `spec` and return its final result, or raise."""
-        exchange = await self.start(spec, task, payload, timeout)
+        exchange = await self.start(spec, task, payload, timeout, work=work)
         try:
             return await exchange.result()
         finally:
             await exchange.close()
 
     async def send(self, exchange: Exchange) -> None:
-        kwargs = {
-            "request_id": exchange.request_id,
-            "model": exchange.spec.name,
-            "payload": exchange.payload,
-            "deadline": time.time() + exchange.timeout,
-            "attempt": exchange.attempt,
-        }
-        expires = datetime.now(UTC) + timedelta(seconds=exchange.timeout + 1)
-        try:
-            # The anonymous exchange with the queue name as routing key puts the message
-            # straight on the queue's list, sparing kombu a binding lookup per message.
-            await asyncio.to_thread(
-                self._celery.send_task,
-                exchange.task,
-                kwargs=kwargs,
-                exchange="",
-                routing_key=exchange.spec.queue,
-                expires=expires,
-                # A message header, not a task argument: workers of an older release
-                # ignore it instead of refusing the task.
-                headers={TRACE_HEADER: REQUEST_ID.get()},
+        deadline = time.time() + exchange.timeout
+        if exchange.task in BATCHED_TASKS:
+            entry = {
+                "request_id": exchange.request_id,
+                "payload": exchange.payload,
+                "deadline": deadline,
+                "attempt": exchange.attempt,
+                "trace": REQUEST_ID.get(),
+            }
+            await self._coalescer.send(exchange.spec, exchange.task, entry, exchange.work)
+        else:
+            kwargs = {
+                "request_id": exchange.request_id,
+                "model": exchange.spec.name,
+                "payload": exchange.payload,
+                "deadline": deadline,
+                "attempt": exchange.attempt,
+            }
+            # A message header, not a task argument: workers of an older release ignore
+            # it instead of refusing the task.
+            headers = {TRACE_HEADER: REQUEST_ID.get()}
+            await self._publish(
+                exchange.task, exchange.spec, kwargs, deadline, headers, exchange.spec.name
             )
-        except (OperationalError, RedisError, OSError) as exc:
+        exchange.last_send = time.monotonic()
+
+    async def _send_batched(
+        self, spec: ModelSpec, task: str, entries: list[dict[str, Any]]
+    ) -> None:
+        kwargs = {"model": spec.name, "task": task, "requests": entries}
+        deadline = max(entry["deadline"] for entry in entries)
+        await self._publish(
+            BATCHED_TASK, spec, kwargs, deadline, None, f"{spec.name} {task} x{len(entries)}"
+        )
+
+    async def _publish(
+        self,
+        task: str,
+        spec: ModelSpec,
+        kwargs: dict[str, Any],
+        deadline: float,
+        headers: dict[str, Any] | None,
+        summary: str,
+    ) -> None:
+        expires = datetime.fromtimestamp(deadline + 1, UTC)
+        message = self._publisher.message(task, spec.queue, kwargs, expires, headers, summary)
+        try:
+            await self._publisher.publish(spec.queue, message)
+        except (RedisError, OSError) as exc:
             log.warning("could not queue a request: %s", exc)
             raise BackendUnavailable(
                 f"could not queue the request: {backend_reason(exc)}"
             ) from None
-        exchange.last_send = time.monotonic()

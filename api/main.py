@@ -100,6 +100,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             check_interval=settings.replica_check_interval_s,
             resend_after=settings.resend_unaccepted_after_s,
             max_resends=settings.max_resends,
+            coalesce_ms=settings.coalesce_ms,
+            batch_wait_ms=settings.batch_max_wait_ms,
         )
         dispatcher = Dispatcher(celery, router, client, keys, policy)
         services = Services(settings, registry, keys, client, router, dispatcher)

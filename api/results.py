@@ -92,8 +92,9 @@ class ResultRouter:
         self._inboxes[request_id] = queue
         return queue
 
-    def close_inbox(self, request_id: str) -> None:
-        self._inboxes.pop(request_id, None)
+    def close_inbox(self, request_id: str) -> bool:
+        """False if it was closed already."""
+        return self._inboxes.pop(request_id, None) is not None
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -131,11 +132,21 @@ class ResultRouter:
             inbox.put_nowait(LOST)
 
     def _deliver(self, channel: bytes | str, data: bytes | str) -> None:
+        """A reply on a request's own channel (a streamed piece), or replies to several
+        requests at once on `<instance>.group` (`{"many": {request_id: reply}}`)."""
         name = channel.decode() if isinstance(channel, bytes) else channel
-        inbox = self._inboxes.get(name[len(self._prefix) :])
-        if inbox is None:
-            return  # its request has already been answered or given up
         try:
-            inbox.put_nowait(json.loads(data))
+            reply = json.loads(data)
         except ValueError:
             log.error("undecodable reply on %s", name)
+            return
+        many = reply.get("many") if isinstance(reply, dict) else None
+        if many is None:
+            inbox = self._inboxes.get(name[len(self._prefix) :])
+            if inbox is not None:  # else its request was answered or gave up already
+                inbox.put_nowait(reply)
+            return
+        for request_id, one in many.items():
+            inbox = self._inboxes.get(request_id)
+            if inbox is not None:
+                inbox.put_nowait(one)

@@ -156,3 +156,9 @@ class Services:
 def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
+
+
+async def services_of(request: Request) -> Services:
+    """`get_services` as a dependency: async, so FastAPI calls it on the event loop
+    instead of sending it to a worker thread (about 0.1 ms a request)."""
+    return get_services(request)

@@ -22,8 +22,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -43,6 +45,16 @@ RATE_BATCHES = 32
 INTERACTIVE = 0
 BULK = 1
 LANES = (INTERACTIVE, BULK)
+
+
+def wait_for_result(future: Future[list[Any]], deadline: float) -> list[Any]:
+    """A submitted request's results, or RequestTimedOut once its deadline (and a
+    second's grace for the batch already running) has passed."""
+    wait = None if deadline == float("inf") else max(0.0, deadline - time.time()) + 1.0
+    try:
+        return future.result(timeout=wait)
+    except FutureTimeout:
+        raise RequestTimedOut("the request's deadline passed while it waited") from None
 
 
 @dataclass(frozen=True, order=True)
@@ -197,6 +209,7 @@ class BucketBatcher(Generic[T]):
         pad_to_bucket: bool = False,
         name: str = "inferq-batcher",
         min_padding_efficiency: float = 0.92,
+        run_when_idle: bool = False,
     ) -> None:
         if not buckets:
             raise ValueError("a batcher needs at least one bucket")
@@ -205,6 +218,9 @@ class BucketBatcher(Generic[T]):
         self._max_wait = max_wait_ms / 1000.0
         self._pad_to_bucket = pad_to_bucket
         self._min_efficiency = min_padding_efficiency
+        self._run_when_idle = run_when_idle
+        #: Submitters holding the engine back while they add related inputs.
+        self._held = 0
         self._lanes: list[dict[Bucket, _OpenBatch[T]]] = [
             {b: _OpenBatch(b) for b in self.buckets} for _ in LANES
         ]
@@ -259,6 +275,19 @@ class BucketBatcher(Generic[T]):
             self._cond.notify()
         return request.future
 
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """While held, an idle engine does not start a batch that is not full (or due):
+        a worker submitting the requests of one message submits them all first."""
+        with self._cond:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= 1
+                self._cond.notify()
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
@@ -266,14 +295,25 @@ class BucketBatcher(Generic[T]):
         self._thread.join(5)
 
     def _next_batch(self) -> _OpenBatch[T] | None:
-        """Under the lock: a full batch, else an open one whose oldest input waited
-        enough; the interactive lane first."""
+        """Under the lock, with the engine idle: a full batch, else an open one whose
+        oldest input waited enough (or any open one, with `run_when_idle` and nobody
+        holding the engine back); the interactive lane first.
+
+        `run_when_idle` suits engines whose batch costs grow with its size (no
+        compiled shapes): a lone request runs at once instead of waiting
+        `max_wait_ms` for company, and under load inputs gather while the batch
+        before them runs, so batches stay large."""
         now = time.monotonic()
+        eager = self._run_when_idle and not self._held
         for lane in LANES:
             if self._full[lane]:
                 return self._full[lane].pop(0)
             open_batches = self._lanes[lane]
-            due = [b for b in open_batches.values() if b.items and now - b.oldest >= self._max_wait]
+            due = [
+                b
+                for b in open_batches.values()
+                if b.items and (eager or now - b.oldest >= self._max_wait)
+            ]
             if due:
                 batch = min(due, key=lambda b: b.oldest)
                 open_batches[batch.bucket] = _OpenBatch(batch.bucket)

@@ -17,6 +17,8 @@ from app.settings import Settings
 EMBEDDINGS_TASK = "inferq.embeddings"
 RERANK_TASK = "inferq.rerank"
 GENERATE_TASK = "inferq.generate"
+#: Embeddings or rerank requests for one model that an API process sends as one message.
+BATCHED_TASK = "inferq.batched"
 JOB_TASK = "inferq.job"
 #: Not a Celery task: the `task` of a job that embeds one shard of a corpus file.
 CORPUS_SHARD = "inferq.corpus_shard"

@@ -216,6 +216,8 @@ def cmd_api(args: argparse.Namespace) -> int:
         # The API logs each request itself, with its X-Request-Id (api/request_ids.py).
         "--no-access-log",
     ]
+    if settings.api_workers > 1:
+        argv += ["--workers", str(settings.api_workers)]
     os.execv(sys.executable, argv)
     return 0  # not reached
 

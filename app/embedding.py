@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 from collections.abc import Sequence
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from app.batcher import INTERACTIVE, BucketBatcher
+from app.batcher import INTERACTIVE, BucketBatcher, wait_for_result
 from app.engines.base import EmbeddingEngine
-from app.errors import InvalidRequest, RequestTimedOut
+from app.errors import InvalidRequest
 from app.protocol.embeddings import EmbeddingInput, EmbeddingTask
 
 
@@ -111,6 +111,24 @@ class EmbeddingOutput:
     truncated: list[int]
 
 
+@dataclass
+class PendingEmbedding:
+    """A request whose inputs are in the batcher: a worker serving many requests of
+    one message submits them all first, then collects each as its future resolves."""
+
+    future: Future[list[Any]]
+    prepared: PreparedInputs
+    dimensions: int | None
+    deadline: float
+
+    def finish(self) -> EmbeddingOutput:
+        rows = wait_for_result(self.future, self.deadline)
+        vectors = shorten(np.stack(rows).astype(np.float32, copy=False), self.dimensions)
+        return EmbeddingOutput(
+            vectors_to_b64(vectors), self.prepared.token_count, self.prepared.truncated
+        )
+
+
 class EmbeddingRunner:
     """One worker's embedding service: shared engine, one tokenizer lock, one batcher.
 
@@ -132,40 +150,47 @@ class EmbeddingRunner:
         with self._tokenizer_lock:
             return [len(ids) for ids in self.engine.tokenize(texts)]
 
+    def submit(
+        self, prepared: PreparedInputs, deadline: float, lane: int = INTERACTIVE
+    ) -> Future[list[Any]]:
+        lengths = [len(ids) for ids in prepared.token_ids]
+        return self.batcher.submit(prepared.token_ids, lengths, deadline, lane)
+
     def vectors(
         self, prepared: PreparedInputs, deadline: float, lane: int = INTERACTIVE
     ) -> np.ndarray:
-        future = self.batcher.submit(
-            prepared.token_ids, [len(ids) for ids in prepared.token_ids], deadline, lane
-        )
-        wait = None if deadline == float("inf") else max(0.0, deadline - time.time()) + 1.0
-        try:
-            rows = future.result(timeout=wait)
-        except FutureTimeout:
-            raise RequestTimedOut("the request's deadline passed while it waited") from None
+        rows = wait_for_result(self.submit(prepared, deadline, lane), deadline)
         return np.stack(rows).astype(np.float32, copy=False)
+
+    def begin(
+        self, task: EmbeddingTask, deadline: float = float("inf"), lane: int = INTERACTIVE
+    ) -> PendingEmbedding:
+        check_dimensions(self.engine, task.dimensions)
+        prepared = self.prepare(task.inputs, task.truncate)
+        future = self.submit(prepared, deadline, lane)
+        return PendingEmbedding(future, prepared, task.dimensions, deadline)
 
     def run(
         self, task: EmbeddingTask, deadline: float = float("inf"), lane: int = INTERACTIVE
     ) -> EmbeddingOutput:
-        check_dimensions(self.engine, task.dimensions)
-        prepared = self.prepare(task.inputs, task.truncate)
-        vectors = shorten(self.vectors(prepared, deadline, lane), task.dimensions)
-        return EmbeddingOutput(vectors_to_b64(vectors), prepared.token_count, prepared.truncated)
+        return self.begin(task, deadline, lane).finish()
 
 
 def build_embedding_runner(
     engine: EmbeddingEngine, options: dict[str, object], max_wait_ms: float
 ) -> EmbeddingRunner:
     wait = float(options.get("max_wait_ms", max_wait_ms))  # type: ignore[arg-type]
+    # `pad_to_bucket: true` in the options makes a shape-free engine behave like a
+    # compiled-shape one (used by bench/ to measure what padding costs).
+    padded = engine.pad_to_bucket or bool(options.get("pad_to_bucket", False))
     batcher: BucketBatcher[list[int]] = BucketBatcher(
         engine.buckets(options),
         run_batch=lambda batch, padded: engine.embed(batch, pad_to=padded),
         max_wait_ms=wait,
-        # `pad_to_bucket: true` in the options makes a shape-free engine behave like a
-        # compiled-shape one (used by bench/ to measure what padding costs).
-        pad_to_bucket=engine.pad_to_bucket or bool(options.get("pad_to_bucket", False)),
+        pad_to_bucket=padded,
         name="inferq-embedding-batcher",
         min_padding_efficiency=float(options.get("min_padding_efficiency", 0.92)),  # type: ignore[arg-type]
+        # Shape-free engines run a lone input at once; compiled shapes cost a full batch.
+        run_when_idle=bool(options.get("run_when_idle", not padded)),
     )
     return EmbeddingRunner(engine, batcher)

@@ -8,17 +8,18 @@ cosine similarity, a fallback that serves rerank without a cross-encoder.
 
 from __future__ import annotations
 
-import time
-from concurrent.futures import TimeoutError as FutureTimeout
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from app.batcher import INTERACTIVE, BucketBatcher
+from app.batcher import INTERACTIVE, BucketBatcher, wait_for_result
 from app.embedding import EmbeddingRunner, build_embedding_runner
 from app.engines.base import EmbeddingEngine, Pair, RerankEngine
-from app.errors import InvalidRequest, RequestTimedOut
+from app.errors import InvalidRequest
 from app.protocol.rerank import RerankTask
 
 
@@ -29,8 +30,28 @@ class RerankOutput:
     truncated: list[int]
 
 
+@dataclass
+class PendingRerank:
+    """A request whose pairs (or texts) are in the batcher; `score` turns the batcher's
+    results into one score per document."""
+
+    future: Future[list[Any]]
+    deadline: float
+    score: Callable[[list[Any]], list[float]]
+    input_tokens: int
+    truncated: list[int]
+
+    def finish(self) -> RerankOutput:
+        scores = self.score(wait_for_result(self.future, self.deadline))
+        return RerankOutput(scores, self.input_tokens, self.truncated)
+
+
 class RerankRunner(Protocol):
     batcher: BucketBatcher  # type: ignore[type-arg]
+
+    def begin(
+        self, task: RerankTask, deadline: float = float("inf"), lane: int = INTERACTIVE
+    ) -> PendingRerank: ...
 
     def run(
         self, task: RerankTask, deadline: float = float("inf"), lane: int = INTERACTIVE
@@ -39,24 +60,25 @@ class RerankRunner(Protocol):
 
 class CrossEncoderRerank:
     def __init__(self, engine: RerankEngine, batcher: BucketBatcher[Pair]) -> None:
-        import threading
-
         self.engine = engine
         self.batcher = batcher
         self._tokenizer_lock = threading.Lock()
 
-    def run(
+    def begin(
         self, task: RerankTask, deadline: float = float("inf"), lane: int = INTERACTIVE
-    ) -> RerankOutput:
+    ) -> PendingRerank:
         with self._tokenizer_lock:
             pairs, truncated = self.engine.encode_pairs(task.query, task.documents, task.truncate)
         future = self.batcher.submit(pairs, [len(p.ids) for p in pairs], deadline, lane)
-        wait = None if deadline == float("inf") else max(0.0, deadline - time.time()) + 1.0
-        try:
-            scores = future.result(timeout=wait)
-        except FutureTimeout:
-            raise RequestTimedOut("the request's deadline passed while it waited") from None
-        return RerankOutput([float(s) for s in scores], sum(len(p.ids) for p in pairs), truncated)
+        tokens = sum(len(p.ids) for p in pairs)
+        return PendingRerank(
+            future, deadline, lambda rows: [float(s) for s in rows], tokens, truncated
+        )
+
+    def run(
+        self, task: RerankTask, deadline: float = float("inf"), lane: int = INTERACTIVE
+    ) -> RerankOutput:
+        return self.begin(task, deadline, lane).finish()
 
 
 class CosineRerank:
@@ -66,9 +88,9 @@ class CosineRerank:
         self.embeddings = embeddings
         self.batcher = embeddings.batcher
 
-    def run(
+    def begin(
         self, task: RerankTask, deadline: float = float("inf"), lane: int = INTERACTIVE
-    ) -> RerankOutput:
+    ) -> PendingRerank:
         texts = [task.query, *task.documents]
         prepared = self.embeddings.prepare(texts, truncate=True)
         if prepared.truncated and not task.truncate:
@@ -81,11 +103,21 @@ class CosineRerank:
                 param="query" if first == 0 else "documents",
                 code="context_length_exceeded",
             )
-        vectors = self.embeddings.vectors(prepared, deadline, lane)
-        unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        scores = unit[1:] @ unit[0]
+        future = self.embeddings.submit(prepared, deadline, lane)
         truncated = [i - 1 for i in prepared.truncated if i > 0]
-        return RerankOutput([float(s) for s in scores], prepared.token_count, truncated)
+        return PendingRerank(future, deadline, cosine_scores, prepared.token_count, truncated)
+
+    def run(
+        self, task: RerankTask, deadline: float = float("inf"), lane: int = INTERACTIVE
+    ) -> RerankOutput:
+        return self.begin(task, deadline, lane).finish()
+
+
+def cosine_scores(rows: list[Any]) -> list[float]:
+    """Each document's cosine similarity to the query (the first row)."""
+    vectors = np.stack(rows).astype(np.float32, copy=False)
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return [float(s) for s in unit[1:] @ unit[0]]
 
 
 def build_rerank_runner(
@@ -94,12 +126,17 @@ def build_rerank_runner(
     if isinstance(engine, EmbeddingEngine):
         return CosineRerank(build_embedding_runner(engine, options, max_wait_ms))
     wait = float(options.get("max_wait_ms", max_wait_ms))  # type: ignore[arg-type]
+    # `pad_to_bucket: true` in the options makes a shape-free engine behave like a
+    # compiled-shape one (used by bench/ to measure what padding costs).
+    padded = engine.pad_to_bucket or bool(options.get("pad_to_bucket", False))
     batcher: BucketBatcher[Pair] = BucketBatcher(
         engine.buckets(options),
         run_batch=lambda batch, padded: engine.score(batch, pad_to=padded),
         max_wait_ms=wait,
-        pad_to_bucket=engine.pad_to_bucket or bool(options.get("pad_to_bucket", False)),
+        pad_to_bucket=padded,
         name="inferq-rerank-batcher",
         min_padding_efficiency=float(options.get("min_padding_efficiency", 0.92)),  # type: ignore[arg-type]
+        # Shape-free engines run a lone input at once; compiled shapes cost a full batch.
+        run_when_idle=bool(options.get("run_when_idle", not padded)),
     )
     return CrossEncoderRerank(engine, batcher)

@@ -131,6 +131,14 @@ class Settings(BaseSettings):
         "request is answered 408 and its connection closed (slow or stalled clients); "
         "for uploads, the longest wait for the next chunk.",
     )
+    api_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="API processes sharing the port (uvicorn --workers). Each has its own "
+        "reply channel; more of them let the API use more cores. /metrics then counts "
+        "the requests of the process that answers the scrape (cluster figures are whole).",
+    )
     keep_alive_s: int = Field(
         default=65,
         ge=1,
@@ -156,6 +164,15 @@ class Settings(BaseSettings):
     )
     batch_max_wait_ms: float = Field(
         default=5.0, ge=0, description="Longest an input waits for its batch to fill."
+    )
+    coalesce_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=1000,
+        description="Longest an embeddings or rerank request waits in the API for others "
+        "of the same model to share its queue message (never longer than the batcher "
+        "waits); only while other requests of that model are in flight. 0: one message "
+        "per request.",
     )
     # The job store (SQLAlchemy URL). None means SQLite in the data directory, which
     # suits one host; workers on other hosts need a shared server (PostgreSQL).

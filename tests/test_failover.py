@@ -80,7 +80,8 @@ def _queued_request_ids(redis_client: Any, key_prefix: str, queue: str) -> list[
     for raw in redis_client.lrange(KeySpace(key_prefix).queue_list(queue), 0, -1):
         message = json.loads(raw)
         _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
-        ids.append(kwargs["request_id"])
+        # A message of the batched task holds several requests, others hold one.
+        ids += [r["request_id"] for r in kwargs.get("requests", [kwargs])]
     return ids
 
 

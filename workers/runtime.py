@@ -37,13 +37,11 @@ from app.replicas import (
 from app.rerank import RerankRunner, build_rerank_runner
 from app.settings import Settings
 from app.worker_stats import TokenRate
+from workers.delivery import Deliveries
 from workers.job_leases import JobLeases
 from workers.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
-
-#: How long a request is remembered as answered: longer than any redelivery takes.
-ANSWERED_TTL_S = 3600
 
 
 @dataclass
@@ -54,6 +52,7 @@ class WorkerRuntime:
     engine: EmbeddingEngine | RerankEngine | ChatEngine | RelayEngine
     client: redis.Redis
     info: ReplicaInfo
+    deliveries: Deliveries
     lease: LeaseKeeper
     announcer: ReplicaAnnouncer
     embeddings: EmbeddingRunner | None
@@ -110,47 +109,6 @@ class WorkerRuntime:
     def cancelled(self, request_id: str) -> bool:
         return bool(self.client.exists(self.keys.cancel(request_id)))
 
-    def claim(self, request_id: str, deadline: float, attempt: int = 0) -> str | None:
-        """None if this delivery should run; else why not: "cancelled" (the caller gave
-        up), "answered" (another delivery of this attempt replied already) or "running"
-        (a live replica, this one included, runs it: the API resent it, or the broker
-        redelivered it).
-
-        One round trip on the usual path; a copy of a request whose replica died
-        takes the claim over and runs. A later attempt (the API asking again after
-        its result channel dropped) runs even if an earlier one answered, since that
-        answer may have been published to nobody.
-        """
-        me = self.info.replica_id
-        ttl = max(1, int(deadline - time.time()) + 60)
-        claimed_as = f"{request_id}#{attempt}" if attempt else request_id
-        claim_key = self.keys.request_claim(claimed_as)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.exists(self.keys.cancel(request_id))
-        pipe.get(self.keys.answered(request_id))
-        pipe.set(claim_key, me, nx=True, ex=ttl)
-        pipe.get(claim_key)
-        cancelled, answered, claimed, holder = pipe.execute()
-        if cancelled:
-            return "cancelled"
-        if answered is not None and int(answered) >= attempt:
-            return "answered"
-        if claimed or holder is None:
-            return None
-        # A copy this very replica holds is running in another of its threads (the API
-        # resent it while it sat prefetched here): running it again would double it.
-        if holder.decode() == me or self.replica_alive(holder.decode()):
-            return "running"
-        self.client.set(claim_key, me, ex=ttl)  # its replica died: this copy carries on
-        return None
-
-    def publish_final(self, request_id: str, message: dict[str, Any], attempt: int = 0) -> None:
-        """The last reply, and the mark that makes later copies of this attempt skip."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.publish(self.keys.result_channel(request_id), json.dumps(message))
-        pipe.set(self.keys.answered(request_id), attempt, ex=ANSWERED_TTL_S)
-        pipe.execute()
-
     def require_embeddings(self) -> EmbeddingRunner:
         if self.embeddings is None:
             raise InvalidRequest(f"model {self.spec.name!r} is not an embedding model")
@@ -162,6 +120,7 @@ class WorkerRuntime:
         return self.rerank
 
     def publish(self, request_id: str, message: dict[str, Any]) -> None:
+        """A reply on the request's own channel: a streamed piece."""
         self.client.publish(self.keys.result_channel(request_id), json.dumps(message))
 
     def count(self, what: str, amount: int = 1) -> None:
@@ -170,15 +129,15 @@ class WorkerRuntime:
             self.counters[what] = self.counters.get(what, 0) + amount
 
     @contextmanager
-    def working(self) -> Iterator[None]:
+    def working(self, count: int = 1) -> Iterator[None]:
         """Counts requests and jobs in the engine right now (`in_flight` in the cluster view)."""
         with self.counter_lock:
-            self.in_flight += 1
+            self.in_flight += count
         try:
             yield
         finally:
             with self.counter_lock:
-                self.in_flight -= 1
+                self.in_flight -= count
 
     def stats(self) -> dict[str, float]:
         with self.counter_lock:
@@ -239,9 +198,10 @@ def load_runtime(settings: Settings) -> WorkerRuntime:
     announcer = ReplicaAnnouncer(
         client, keys, info, settings.heartbeat_interval_s, settings.heartbeat_ttl_s
     )
+    deliveries = Deliveries(client, keys, info.replica_id, info.label)
     _runtime = WorkerRuntime(
-        settings, keys, spec, engine, client, info, lease, announcer, embeddings, rerank, chat,
-        relay_engine,
+        settings, keys, spec, engine, client, info, deliveries, lease, announcer, embeddings,
+        rerank, chat, relay_engine,
     )  # fmt: skip
     announcer.stats = _runtime.stats
     if relay_engine is not None:

@@ -7,18 +7,29 @@ request cannot kill the worker or touch others.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 from celery import current_task
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.batcher import BULK, INTERACTIVE
-from app.celery_app import CORPUS_SHARD, EMBEDDINGS_TASK, GENERATE_TASK, JOB_TASK, RERANK_TASK
-from app.errors import EngineFailure, InferqError, InvalidRequest
+from app.celery_app import (
+    BATCHED_TASK,
+    CORPUS_SHARD,
+    EMBEDDINGS_TASK,
+    GENERATE_TASK,
+    JOB_TASK,
+    RERANK_TASK,
+)
+from app.errors import EngineFailure, InferqError, InvalidRequest, RequestTimedOut
 from app.generation import StreamCoalescer
 from app.jobs.corpus import read_shard, write_shard
 from app.jobs.store import JobStore
@@ -28,6 +39,7 @@ from app.protocol.embeddings import EmbeddingResult, EmbeddingTask
 from app.protocol.rerank import RerankResult, RerankTask
 from app.worker_stats import GENERATED_TOKENS
 from workers.app import celery_app
+from workers.delivery import Delivery
 from workers.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger("inferq.worker")
@@ -35,31 +47,60 @@ log = logging.getLogger("inferq.worker")
 Work = Callable[[WorkerRuntime], dict[str, Any]]
 
 
-def embeddings_work(payload: dict[str, Any], deadline: float, lane: int) -> Work:
-    def work(rt: WorkerRuntime) -> dict[str, Any]:
-        task = EmbeddingTask.model_validate(payload)
-        out = rt.require_embeddings().run(task, deadline, lane)
-        return EmbeddingResult(
-            vectors_b64=out.vectors_b64,
-            prompt_tokens=out.prompt_tokens,
-            truncated=out.truncated,
-            replica=rt.info.label,
-        ).model_dump()
+@dataclass(frozen=True)
+class Started:
+    """A request whose inputs are in the batcher: `finish` waits for them and makes
+    the wire result, once `future` is done."""
 
-    return work
+    future: Future[Any]
+    finish: Callable[[], dict[str, Any]]
 
 
-def rerank_work(payload: dict[str, Any], deadline: float, lane: int) -> Work:
-    def work(rt: WorkerRuntime) -> dict[str, Any]:
-        out = rt.require_rerank().run(RerankTask.model_validate(payload), deadline, lane)
-        return RerankResult(
-            scores=out.scores,
-            input_tokens=out.input_tokens,
-            truncated=out.truncated,
-            replica=rt.info.label,
-        ).model_dump()
+def embeddings_begin(
+    rt: WorkerRuntime, payload: dict[str, Any], deadline: float, lane: int
+) -> Started:
+    pending = rt.require_embeddings().begin(EmbeddingTask.model_validate(payload), deadline, lane)
 
-    return work
+    def finish() -> dict[str, Any]:
+        out = pending.finish()
+        return dict(
+            EmbeddingResult(
+                vectors_b64=out.vectors_b64,
+                prompt_tokens=out.prompt_tokens,
+                truncated=out.truncated,
+                replica=rt.info.label,
+            )
+        )
+
+    return Started(pending.future, finish)
+
+
+def rerank_begin(rt: WorkerRuntime, payload: dict[str, Any], deadline: float, lane: int) -> Started:
+    pending = rt.require_rerank().begin(RerankTask.model_validate(payload), deadline, lane)
+
+    def finish() -> dict[str, Any]:
+        out = pending.finish()
+        return dict(
+            RerankResult(
+                scores=out.scores,
+                input_tokens=out.input_tokens,
+                truncated=out.truncated,
+                replica=rt.info.label,
+            )
+        )
+
+    return Started(pending.future, finish)
+
+
+BATCHED: dict[str, Callable[[WorkerRuntime, dict[str, Any], float, int], Started]] = {
+    EMBEDDINGS_TASK: embeddings_begin,
+    RERANK_TASK: rerank_begin,
+}
+
+
+def batched_work(task: str, payload: dict[str, Any], deadline: float, lane: int) -> Work:
+    """One embeddings or rerank request, start to end (async jobs)."""
+    return lambda rt: BATCHED[task](rt, payload, deadline, lane).finish()
 
 
 def generate_work(
@@ -116,6 +157,14 @@ def relay_work(
     return {**result, "replica": rt.info.label}
 
 
+def wire_error(exc: Exception, what: str) -> dict[str, Any]:
+    """`{"ok": False, "error": ...}` for any failure; engine bugs are logged with their stack."""
+    if isinstance(exc, InferqError):
+        return {"ok": False, "error": exc.to_wire()}
+    log.error("%s failed in the engine", what, exc_info=exc)
+    return {"ok": False, "error": EngineFailure(f"the engine failed: {exc}").to_wire()}
+
+
 def run_guarded(rt: WorkerRuntime, model: str, work: Work, what: str) -> dict[str, Any]:
     """`{"ok": True, "result": ...}` or `{"ok": False, "error": <wire error>}`; never raises."""
     try:
@@ -123,96 +172,162 @@ def run_guarded(rt: WorkerRuntime, model: str, work: Work, what: str) -> dict[st
             raise InvalidRequest(f"this worker serves {rt.spec.name!r}, not {model!r}")
         with rt.working():
             return {"ok": True, "result": work(rt)}
-    except InferqError as exc:
-        return {"ok": False, "error": exc.to_wire()}
     except Exception as exc:
-        log.exception("%s failed in the engine", what)
-        return {"ok": False, "error": EngineFailure(f"the engine failed: {exc}").to_wire()}
+        return wire_error(exc, what)
 
 
-def serve(
-    request_id: str,
-    model: str,
-    deadline: float,
-    work: Work,
-    attempt: int = 0,
-) -> None:
-    """The part every sync inference task shares: deadline, acceptance, errors, reply.
+def trace_of(delivery: Delivery) -> str:
+    """The id on the log lines written for a request: its caller's X-Request-Id (sent as
+    the message's trace header for one request, in the entry for a coalesced one)."""
+    header = getattr(current_task.request, TRACE_HEADER, None) if current_task else None
+    return delivery.trace or header or delivery.request_id
 
-    `attempt` rises when the API lost its result channel and asks again: the reply
-    of an earlier attempt may have gone out unheard, so it does not count as one.
-    The message's trace header is the request's X-Request-Id: every line logged while
-    serving it has it."""
-    trace = getattr(current_task.request, TRACE_HEADER, None) if current_task else None
-    token = REQUEST_ID.set(trace or request_id)
+
+def take(rt: WorkerRuntime, deliveries: list[Delivery]) -> list[Delivery]:
+    """The deliveries to run: live, claimed by this replica, "accepted" sent. Expired
+    ones are dropped (their callers have had their 504), and copies that another
+    delivery answered or runs, or whose caller gave up, get no engine time."""
+    rt.hold_if_server_down()
+    rt.count("messages")
+    now = time.time()
+    live = [d for d in deliveries if d.deadline >= now]
+    if len(live) < len(deliveries):
+        rt.count("expired", len(deliveries) - len(live))
+    claimed = rt.deliveries.claim(live)
+    if claimed.cancelled:
+        rt.count("cancelled", claimed.cancelled)
+    if claimed.duplicates:
+        rt.count("duplicates", claimed.duplicates)
+    if claimed.run:
+        rt.count("received", len(claimed.run))
+    return claimed.run
+
+
+def answered(rt: WorkerRuntime, model: str, delivery: Delivery, message: dict[str, Any],
+             started: float) -> None:  # fmt: skip
+    rt.count("answered" if message["ok"] else "failed")
+    token = REQUEST_ID.set(trace_of(delivery))
     try:
-        _serve(request_id, model, deadline, work, attempt)
+        outcome = "answered" if message["ok"] else f"failed ({message['error'].get('code')})"
+        log.info("%s %s in %.1f ms", model, outcome, (time.monotonic() - started) * 1000)
     finally:
         REQUEST_ID.reset(token)
 
 
-def _serve(request_id: str, model: str, deadline: float, work: Work, attempt: int) -> None:
+def serve(model: str, delivery: Delivery, work: Work) -> None:
+    """A request that has a message of its own (chat): claim, run, reply."""
     rt = get_runtime()
     started = time.monotonic()
-    rt.hold_if_server_down()
-    if time.time() > deadline:
-        rt.count("expired")  # the caller has already had its 504: do not spend the engine
+    if not take(rt, [delivery]):
         return
-    skip = rt.claim(request_id, deadline, attempt)
-    if skip:
-        # The caller gave up while this waited, or this is a copy of a request that
-        # another delivery answered or is running: no engine time for it.
-        rt.count("cancelled" if skip == "cancelled" else "duplicates")
-        return
-    rt.count("received")
-    rt.publish(request_id, {"accepted": rt.info.label, "replica_id": rt.info.replica_id})
-    message = run_guarded(rt, model, work, f"request {request_id}")
-    rt.publish_final(request_id, message, attempt)
-    rt.count("answered" if message["ok"] else "failed")
-    outcome = "answered" if message["ok"] else f"failed ({message['error'].get('code')})"
-    log.info("%s %s in %.1f ms", model, outcome, (time.monotonic() - started) * 1000)
+    token = REQUEST_ID.set(trace_of(delivery))
+    try:
+        message = run_guarded(rt, model, work, f"request {delivery.request_id}")
+    finally:
+        REQUEST_ID.reset(token)
+    rt.deliveries.reply([(delivery, message)])
+    answered(rt, model, delivery, message, started)
 
 
+def serve_batched(model: str, task: str, deliveries: list[Delivery]) -> None:
+    """Embeddings or rerank requests of one message: every request's inputs go to the
+    batcher at once, so they can share batches, and replies go out as they finish,
+    those that finish together in one round trip. One request's bad input is that
+    request's error; the others are served."""
+    rt = get_runtime()
+    started = time.monotonic()
+    run = take(rt, deliveries)
+    if not run:
+        return
+    finals: list[tuple[Delivery, dict[str, Any]]] = []
+    waiting: dict[Future[Any], tuple[Delivery, Started]] = {}
+    batcher = rt.batcher
+    with rt.working(len(run)):
+        with batcher.holding() if batcher else contextlib.nullcontext():
+            for d in run:
+                try:
+                    if model != rt.spec.name:
+                        raise InvalidRequest(f"this worker serves {rt.spec.name!r}, not {model!r}")
+                    begin = BATCHED.get(task)
+                    if begin is None:
+                        raise InvalidRequest(f"unknown batched task {task!r}")
+                    one = begin(rt, d.payload, d.deadline, INTERACTIVE)
+                except Exception as exc:
+                    finals.append((d, wire_error(exc, f"request {d.request_id}")))
+                else:
+                    waiting[one.future] = (d, one)
+        while True:
+            if finals:
+                rt.deliveries.reply(finals)
+                for d, message in finals:
+                    answered(rt, model, d, message, started)
+                finals = []
+            if not waiting:
+                return
+            finals = _finished(waiting)
+
+
+def _finished(
+    waiting: dict[Future[Any], tuple[Delivery, Started]],
+) -> list[tuple[Delivery, dict[str, Any]]]:
+    """Replies of the requests done by now (waiting for the first if none is); a request
+    past its deadline by the batcher's grace is answered with a timeout."""
+    earliest = min(d.deadline for d, _ in waiting.values())
+    done, _ = futures.wait(
+        list(waiting), timeout=max(0.0, earliest - time.time()) + 1.0,
+        return_when=futures.FIRST_COMPLETED,
+    )  # fmt: skip
+    finals: list[tuple[Delivery, dict[str, Any]]] = []
+    now = time.time()
+    for future in list(waiting):
+        d, one = waiting[future]
+        if future in done:
+            del waiting[future]
+            try:
+                finals.append((d, {"ok": True, "result": one.finish()}))
+            except Exception as exc:
+                finals.append((d, wire_error(exc, f"request {d.request_id}")))
+        elif d.deadline + 1.0 < now:
+            del waiting[future]
+            late = RequestTimedOut("the request's deadline passed while it waited")
+            finals.append((d, {"ok": False, "error": late.to_wire()}))
+    return finals
+
+
+@celery_app.task(name=BATCHED_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def batched(model: str, task: str, requests: list[dict[str, Any]]) -> None:
+    """Embeddings or rerank requests that one API process sent together."""
+    serve_batched(model, task, [Delivery.from_wire(r) for r in requests])
+
+
+def _one(request_id: str, payload: dict[str, Any], deadline: float, attempt: int) -> Delivery:
+    return Delivery(request_id, payload, deadline, attempt)
+
+
+# One request per message: what API processes of earlier releases send.
 @celery_app.task(
     name=EMBEDDINGS_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True
 )
 def embeddings(
-    request_id: str,
-    model: str,
-    payload: dict[str, Any],
-    deadline: float,
-    attempt: int = 0,
+    request_id: str, model: str, payload: dict[str, Any], deadline: float, attempt: int = 0
 ) -> None:
-    serve(request_id, model, deadline, embeddings_work(payload, deadline, INTERACTIVE), attempt)
+    serve_batched(model, EMBEDDINGS_TASK, [_one(request_id, payload, deadline, attempt)])
 
 
 @celery_app.task(name=RERANK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def rerank(
-    request_id: str,
-    model: str,
-    payload: dict[str, Any],
-    deadline: float,
-    attempt: int = 0,
+    request_id: str, model: str, payload: dict[str, Any], deadline: float, attempt: int = 0
 ) -> None:
-    serve(request_id, model, deadline, rerank_work(payload, deadline, INTERACTIVE), attempt)
+    serve_batched(model, RERANK_TASK, [_one(request_id, payload, deadline, attempt)])
 
 
 @celery_app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def generate(
-    request_id: str,
-    model: str,
-    payload: dict[str, Any],
-    deadline: float,
-    attempt: int = 0,
+    request_id: str, model: str, payload: dict[str, Any], deadline: float, attempt: int = 0
 ) -> None:
     upstream_id = f"{request_id}-{attempt}" if attempt else request_id
-    serve(
-        request_id,
-        model,
-        deadline,
-        generate_work(request_id, payload, deadline, upstream_id),
-        attempt,
-    )
+    work = generate_work(request_id, payload, deadline, upstream_id)
+    serve(model, _one(request_id, payload, deadline, attempt), work)
 
 
 def corpus_shard_work(payload: dict[str, Any], deadline: float) -> Work:
@@ -240,10 +355,8 @@ def corpus_shard_work(payload: dict[str, Any], deadline: float) -> Work:
 
 
 def job_work(job_id: str, task: str, payload: dict[str, Any], deadline: float) -> Work:
-    if task == EMBEDDINGS_TASK:
-        return embeddings_work(payload, deadline, BULK)
-    if task == RERANK_TASK:
-        return rerank_work(payload, deadline, BULK)
+    if task in BATCHED:
+        return batched_work(task, payload, deadline, BULK)
     if task == GENERATE_TASK:
         # A job may run again after a takeover: each run is a new request upstream.
         upstream_id = f"{job_id}-{uuid.uuid4().hex[:8]}"

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from api.cluster_reads import ClusterState, queue_depths, read_cluster
 from api.cluster_view import cluster_view, wanted_replicas
-from api.services import Services, get_services
+from api.services import Services, services_of
 from app.errors import BackendUnavailable, backend_reason
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ async def history_sample(
 
 
 @router.get("/v1/cluster")
-async def cluster(services: Annotated[Services, Depends(get_services)]) -> dict[str, Any]:
+async def cluster(services: Annotated[Services, Depends(services_of)]) -> dict[str, Any]:
     try:
         await services.refresh_launched()
         names = services.model_names()

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
-from api.services import Services, get_services
+from api.services import Services, services_of
 from app.errors import backend_reason
 from app.replicas import count_alive
 
@@ -26,7 +26,7 @@ async def health() -> dict[str, str]:
     "/ready",
     responses={503: {"description": "Not ready; the body names what is missing"}},
 )
-async def ready(services: Annotated[Services, Depends(get_services)]) -> JSONResponse:
+async def ready(services: Annotated[Services, Depends(services_of)]) -> JSONResponse:
     """Ready when Redis answers, replies can be received, and every model has a replica."""
     body: dict[str, Any] = {"redis": False, "results": services.router.ready, "models": {}}
     try:

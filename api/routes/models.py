@@ -15,7 +15,7 @@ from api.cluster_reads import ClusterState, read_cluster
 from api.cluster_view import model_entry, replica_view, worker_processes
 from api.launcher import ModelLauncher, xinference_extras
 from api.model_card import card
-from api.services import Services, get_services
+from api.services import Services, services_of
 from app.errors import (
     BackendUnavailable,
     ModelNotFound,
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-ServicesDep = Annotated[Services, Depends(get_services)]
+ServicesDep = Annotated[Services, Depends(services_of)]
 
 
 async def _state(services: Services) -> ClusterState:

@@ -11,14 +11,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
-from api.services import Services, get_services
+from api.services import Services, services_of
 from app import __version__
 
 router = APIRouter()
 
 
 @router.get("/v1/cluster/auth")
-async def cluster_auth(services: Annotated[Services, Depends(get_services)]) -> dict[str, bool]:
+async def cluster_auth(services: Annotated[Services, Depends(services_of)]) -> dict[str, bool]:
     """Whether calls need `Authorization: Bearer <key>` (API keys are configured)."""
     return {"auth": not services.keyring.open}
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from app.engines.base import Pair, RerankEngine
+from app.engines.torch_env import prepare_torch_env
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,8 +29,7 @@ class CrossEncoderEngine(RerankEngine):
 
     @classmethod
     def load(cls, spec: ModelSpec, devices: list[str]) -> CrossEncoderEngine:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        prepare_torch_env()
         import torch
         from sentence_transformers import CrossEncoder
 

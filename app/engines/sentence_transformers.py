@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from app.engines.base import EmbeddingEngine
+from app.engines.torch_env import prepare_torch_env
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,9 +34,7 @@ class SentenceTransformersEngine(EmbeddingEngine):
 
     @classmethod
     def load(cls, spec: ModelSpec, devices: list[str]) -> SentenceTransformersEngine:
-        # No hub: a model is a local directory. Set before transformers is imported.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        prepare_torch_env()
         path = spec.resolved_path()  # before the heavy imports: a wrong path fails at once
         if not path.is_dir():
             raise FileNotFoundError(f"model {spec.name!r}: directory {path} does not exist")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
@@ -103,8 +103,9 @@ class EmbeddingTask(BaseModel):
     dimensions: int | None = None
 
 
-class EmbeddingResult(BaseModel):
-    """What a worker publishes back: vectors as base64 little-endian float32."""
+class EmbeddingResult(TypedDict):
+    """What a worker publishes back: vectors as base64 little-endian float32. A plain
+    dict on both sides: inferq's own code writes it, so it is not validated again."""
 
     vectors_b64: list[str]
     prompt_tokens: int

@@ -7,7 +7,7 @@ field with null for unset ones.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
@@ -72,7 +72,9 @@ class RerankTask(BaseModel):
     truncate: bool = True
 
 
-class RerankResult(BaseModel):
+class RerankResult(TypedDict):
+    """What a worker publishes back (a plain dict, like EmbeddingResult)."""
+
     scores: list[float]
     input_tokens: int
     truncated: list[int]
